@@ -1,0 +1,184 @@
+"""Teacher ODE samplers: DPM-Solver++ (SPEC §3), EDM Euler/Heun, flow-matching Euler/Heun, MeanFlow.
+
+Shared API: ``sampler(model_fn, x_start, times) -> list`` of every state from ``x_start`` to the end,
+one per grid entry, because mid-training regresses from all intermediate states (SPEC §4, §5).
+``times`` is [N+1] (one grid for the batch) or [N+1, B] (a grid per sample, e.g. Slow CMT where each
+sample starts at its own σ); in the latter case every coefficient is a [B] tensor broadcast over the
+remaining dims. The model receives times as a [B] tensor.
+
+States keep ``x_start``'s dtype; each update is accumulated in at least float32 (half inputs are
+upcast) and cast back, so a bf16 rollout does not also lose the arithmetic of the step.
+"""
+
+import torch
+
+from engine.edm import pf_ode_drift
+from engine.flow import expand_like, meanflow_step
+
+
+def _accum_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half/float32 states, float64 for float64 states."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _model_times(times_row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A grid row (0-d or [B]) as the [B] time tensor a model takes."""
+    return times_row.to(device=x.device, dtype=_accum_dtype(x)).expand(x.shape[0])
+
+
+def _per_sample(c, x: torch.Tensor) -> torch.Tensor:
+    """A step scalar (float, 0-d or [B]) in the accumulation dtype, shaped to multiply x."""
+    return expand_like(torch.as_tensor(c, dtype=_accum_dtype(x), device=x.device), x)
+
+
+def _steps_to_zero(times: torch.Tensor) -> list:
+    """Per step, whether it lands on time 0, where λ = +∞ and only first-order / Euler steps are defined."""
+    zero = (times[1:] == 0).reshape(times.shape[0] - 1, -1)
+    all_zero, any_zero = zero.all(dim=1).tolist(), zero.any(dim=1).tolist()
+    if all_zero != any_zero:
+        raise ValueError("a grid row mixes time 0 with positive times")
+    return all_zero
+
+
+def dpm_solver_pp_coefficients(t, s0, s1=None, s2=None, *, order: int):
+    """(a, b0, b1, b2) with x_t = a·x_s0 + b0·D0 + b1·D1 + b2·D2 for one DPM-Solver++ step s0 → t.
+
+    D_k is the denoiser output at s_k (s0 the current time, s1/s2 the previous ones). This is SPEC §3's
+    formula expanded into one linear combination, so the step is a single fused multiply-add over the
+    tensors (the kernel target). Computed in float64: the φ-functions cancel badly in lower precision.
+    Order 3 is SPEC §3's (and DPM-Solver's) 3M step; its local error is O(h³), like order 2, because its
+    D2 estimates h²·D''/2 where the φ3 term needs h²·D'' (tests/test_solvers.py measures this).
+    Times are floats (returns floats) or tensors (returns float64 tensors of their broadcast shape).
+    """
+    if order not in (1, 2, 3) or (order >= 2 and s1 is None) or (order == 3 and s2 is None):
+        raise ValueError(f"order {order} needs times s0..s{order - 1}")
+    as_floats = not any(isinstance(v, torch.Tensor) for v in (t, s0, s1, s2))
+    t, s0, s1, s2 = (None if v is None else torch.as_tensor(v, dtype=torch.float64) for v in (t, s0, s1, s2))
+    h = torch.log(s0) - torch.log(t)                  # λ_t − λ_s0 with λ = −ln σ
+    phi1 = torch.expm1(-h)
+    a = t / s0
+    b0, b1, b2 = -phi1, torch.zeros_like(a), torch.zeros_like(a)
+    if order == 2:
+        r0 = (torch.log(s1) - torch.log(s0)) / h
+        b1 = phi1 / (2 * r0)                          # from −½·φ1·(D0 − D1)/r0
+        b0 = -phi1 - b1
+    elif order == 3:
+        r0 = (torch.log(s1) - torch.log(s0)) / h
+        r1 = (torch.log(s2) - torch.log(s1)) / h
+        phi2 = phi1 / h + 1
+        phi3 = phi2 / h - 0.5
+        # φ2·D1 − φ3·D2 of SPEC §3 written in the first differences D1_0 = (D0−D1)/r0, D1_1 = (D1−D2)/r1.
+        c10 = phi2 * (1 + r0 / (r0 + r1)) - phi3 / (r0 + r1)
+        c11 = phi3 / (r0 + r1) - phi2 * r0 / (r0 + r1)
+        b0 = -phi1 + c10 / r0
+        b1 = c11 / r1 - c10 / r0
+        b2 = -c11 / r1
+    coeffs = (a, b0, b1, b2)
+    return tuple(float(c) for c in coeffs) if as_floats else coeffs
+
+
+def dpm_solver_pp_update(x: torch.Tensor, D0: torch.Tensor, D1, D2, coeffs) -> torch.Tensor:
+    """a·x + b0·D0 + b1·D1 + b2·D2, accumulated in float32 (float64 for float64 x), returned in x.dtype.
+
+    D1/D2 may be None for lower orders (their coefficients are 0). Coefficients are floats or [B] tensors.
+    """
+    a, b0, b1, b2 = (_per_sample(c, x) for c in coeffs)
+    dtype = _accum_dtype(x)
+    out = a * x.to(dtype) + b0 * D0.to(dtype)
+    if D1 is not None:
+        out = out + b1 * D1.to(dtype)
+    if D2 is not None:
+        out = out + b2 * D2.to(dtype)
+    return out.to(x.dtype)
+
+
+def dpm_solver_pp(denoise, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 3,
+                  lower_order_final: bool = True) -> list:
+    """Multistep DPM-Solver++ (data prediction) for an EDM teacher ``denoise(x, sigma[B])``; N calls.
+
+    Step orders warm up as [1, 2, 3, 3, …] (the history of past outputs is short at the start) and, with
+    ``lower_order_final``, wind down symmetrically to […, 3, 2, 1], which keeps few-step solves stable.
+    A step onto σ = 0 is always first order (λ = +∞ there); it returns the denoiser output.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    num_steps = sigmas.shape[0] - 1
+    to_zero = _steps_to_zero(sigmas)
+    grid = sigmas.tolist() if sigmas.ndim == 1 else sigmas.to(torch.float64)
+    x, states, history = x_T, [x_T], []
+    for i in range(num_steps):
+        history = [denoise(x, _model_times(sigmas[i], x))] + history[:order - 1]
+        step_order = 1 if to_zero[i] else min(order, i + 1, num_steps - i if lower_order_final else order)
+        past = [grid[i - k] for k in range(1, step_order)]
+        coeffs = dpm_solver_pp_coefficients(grid[i + 1], grid[i], *past, order=step_order)
+        outputs = history[:step_order] + [None] * (3 - step_order)
+        x = dpm_solver_pp_update(x, *outputs, coeffs)
+        states.append(x)
+    return states
+
+
+def edm_euler(denoise, x_T: torch.Tensor, sigmas: torch.Tensor) -> list:
+    """Euler on the PF-ODE dx/dσ = (x − D(x;σ))/σ; N denoiser calls."""
+    x, states = x_T, [x_T]
+    for i in range(sigmas.shape[0] - 1):
+        sigma = _model_times(sigmas[i], x)
+        drift = pf_ode_drift(x.to(sigma.dtype), denoise(x, sigma), sigma)
+        x = (x + _per_sample(sigmas[i + 1] - sigmas[i], x) * drift).to(x_T.dtype)
+        states.append(x)
+    return states
+
+
+def edm_heun(denoise, x_T: torch.Tensor, sigmas: torch.Tensor) -> list:
+    """EDM's second-order Heun: Euler predictor, trapezoidal corrector.
+
+    The corrector needs the drift at the step's end, undefined at σ = 0, so a step onto σ = 0 stays Euler:
+    2N − 1 denoiser calls on grids ending at 0, 2N on grids ending at σ_min > 0.
+    """
+    to_zero = _steps_to_zero(sigmas)
+    x, states = x_T, [x_T]
+    for i in range(sigmas.shape[0] - 1):
+        sigma, sigma_next = _model_times(sigmas[i], x), _model_times(sigmas[i + 1], x)
+        step = _per_sample(sigmas[i + 1] - sigmas[i], x)
+        x_acc = x.to(sigma.dtype)
+        drift = pf_ode_drift(x_acc, denoise(x, sigma), sigma)
+        x_next = (x_acc + step * drift).to(x_T.dtype)
+        if not to_zero[i]:
+            drift_next = pf_ode_drift(x_next.to(sigma.dtype), denoise(x_next, sigma_next), sigma_next)
+            x_next = (x_acc + step * (drift + drift_next) / 2).to(x_T.dtype)
+        x = x_next
+        states.append(x)
+    return states
+
+
+def fm_euler(velocity, z_1: torch.Tensor, times: torch.Tensor) -> list:
+    """Euler on dz/dt = v(z, t) from noise (t=1) towards data; N velocity calls."""
+    z, states = z_1, [z_1]
+    for i in range(times.shape[0] - 1):
+        v = velocity(z, _model_times(times[i], z))
+        z = (z.to(_accum_dtype(z)) + _per_sample(times[i + 1] - times[i], z) * v).to(z_1.dtype)
+        states.append(z)
+    return states
+
+
+def fm_heun(velocity, z_1: torch.Tensor, times: torch.Tensor) -> list:
+    """Heun on dz/dt = v(z, t); corrects every step (the velocity is finite at t = 0): 2N velocity calls."""
+    z, states = z_1, [z_1]
+    for i in range(times.shape[0] - 1):
+        step = _per_sample(times[i + 1] - times[i], z)
+        z_acc = z.to(_accum_dtype(z))
+        v = velocity(z, _model_times(times[i], z))
+        z_pred = (z_acc + step * v).to(z_1.dtype)
+        v_next = velocity(z_pred, _model_times(times[i + 1], z))
+        z = (z_acc + step * (v + v_next) / 2).to(z_1.dtype)
+        states.append(z)
+    return states
+
+
+def meanflow_multistep(avg_velocity, z_1: torch.Tensor, times: torch.Tensor) -> list:
+    """MeanFlow jumps z_r = z_t − (t − r)·u(z_t, r, t) between consecutive grid times; N calls."""
+    z, states = z_1, [z_1]
+    for i in range(times.shape[0] - 1):
+        t, r = _model_times(times[i], z), _model_times(times[i + 1], z)
+        z = meanflow_step(z.to(t.dtype), avg_velocity(z, r, t), r, t).to(z_1.dtype)
+        states.append(z)
+    return states
