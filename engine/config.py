@@ -1,0 +1,247 @@
+"""One typed config tree, loaded from YAML once at the entry point and passed down.
+
+Every section is a dataclass; `load_config` maps YAML (plus `--set a.b=value` overrides) onto it and
+rejects unknown keys, wrong types and values outside a `Literal` with a one-line message that names the
+key and the valid choices, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used as written; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    source: Literal["digits", "folder", "zip", "npy"] = "digits"
+    path: Optional[str] = None          # folder / zip / .npy file for user data
+    labels_path: Optional[str] = None   # optional .npy of integer labels (npy source)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    resolution: int = 16
+    channels: int = 1
+    xflip: bool = False
+
+
+@dataclass
+class UNetConfig:
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    num_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [4])
+
+
+@dataclass
+class DiTConfig:
+    patch_size: int = 2
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class NetworkConfig:
+    arch: Literal["unet", "dit"] = "unet"
+    dropout: float = 0.0
+    num_classes: int = 0
+    use_r: bool = False   # second time input, for MeanFlow's u(z, r, t)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+
+
+@dataclass
+class ModelConfig:
+    """The parameterisation wrapped around the raw network (SPEC §2 and §5)."""
+    kind: Literal["edm", "flow"] = "edm"
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+
+@dataclass
+class PreConfig:
+    """Pre-training losses: EDM denoising (model.kind=edm) or flow matching (model.kind=flow)."""
+    P_mean: float = -1.2          # ln sigma ~ N(P_mean, P_std^2)   (EDM)
+    P_std: float = 1.2
+    t_mean: float = 0.0           # t ~ logit-normal(t_mean, t_std) (flow matching)
+    t_std: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw", "radam"] = "adam"
+    lr: float = 2e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "linear"] = "constant"   # linear: decays to 0 at train.total_kimg
+    warmup_kimg: float = 0.0
+    grad_clip: float = 0.0        # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 128         # global batch, in images (pairs for mid-training)
+    total_kimg: float = 200.0     # progress is counted in images, as in EDM
+    seed: int = 0
+    ema_beta: float = 0.999
+    ema_warmup: bool = True       # beta_t = min(beta, (1+s)/(10+s)): without it EMA lags at small step counts
+    checkpoint_every_kimg: float = 25.0
+    keep_checkpoints: int = 2
+    log_every_kimg: float = 2.0
+    snapshot_every_kimg: float = 0.0   # sample grids during training; 0 = only at the end
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_accum: int = 1
+    deepspeed_config: Optional[str] = None   # a JSON file; overrides zero_stage / precision / grad_accum
+    progress: bool = True
+
+
+@dataclass
+class SampleConfig:
+    solver: Literal["dpm_solver_pp", "heun", "euler"] = "dpm_solver_pp"
+    steps: int = 16
+    order: Literal[1, 2, 3] = 3
+    num_images: int = 100         # grid size: a square number looks best
+    batch_size: int = 250
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 1000
+    batch_size: int = 250
+    seed: int = 12345
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    pre: PreConfig = field(default_factory=PreConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# --------------------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML file (or start from defaults), apply `a.b=value` overrides, validate, return Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist: pass --config with a YAML file from configs/")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(Config, raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override to a raw dict; the value is parsed as YAML (so 1e-3, true, [1,2])."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.batch_size=64")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `raw`, checking every key and type against the annotations."""
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{where}' must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}': {hint}valid keys in {where}: {', '.join(names)}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value not in args or type(value) is not type(args[args.index(value)]):
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"config key '{key}' is {value!r}; choose one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, e.g. [1, 2], got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"config key '{key}' must be a whole number, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):   # YAML reads '1e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise TypeError(f"config field '{key}' has an unsupported annotation {tp!r}")  # a bug in this file
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
