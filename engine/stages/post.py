@@ -1,0 +1,267 @@
+"""Post-training of the flow map (SPEC §6): ECT, ECD (one teacher ODE step) and MeanFlow.
+
+The stage owns the student ``model`` (a :class:`ConsistencyFunction` for ect/ecd, a :class:`MeanFlowModel`
+for meanflow) and, for ECD, a frozen EDM teacher kept outside ``model`` (so DeepSpeed neither optimises
+nor checkpoints it). ``loss`` is called with the DeepSpeed engine wrapping ``model``.
+
+Decisions worth knowing:
+
+- **Same dropout mask for the ECT/ECD target.** The target ``sg f(x_r, r)`` is computed first, under
+  ``no_grad``, inside :func:`_replayed_rng`, which restores the global RNG state (CPU, and the device's on
+  CUDA) on exit; the student forward ``f(x_t, t)`` then draws exactly the random numbers the target drew.
+  Both forwards run the same module on same-shaped inputs, so every dropout layer gets the same mask, and
+  the RNG leaves the step as if only one forward had run (the trainer's per-step reseed stays the only
+  source of randomness).
+- **Boundary.** f is defined for σ ≥ σ_min (f(x, σ_min) = x). Where r ≤ σ_min the target is x_r itself,
+  i.e. the boundary condition extended below σ_min: for ECT at r = 0 that is exactly x_0 (SPEC §6); for
+  0 < r ≤ σ_min it is x_0 + r·ε rather than x_0, because with the 1/(t − r) weight a target of x_0 there
+  would add ‖t·ε‖/(t − r) ≈ q/5·‖ε‖ (t ≈ σ_min, t − r ≈ 5t/q) to the loss. For ECD the teacher steps to
+  max(r, σ_min) (solvers cannot mix σ = 0 with σ > 0 in one grid row, and the target there is again the
+  state itself). The weight always uses the sampled r, so t − r > 0.
+- **MeanFlow jvp through DeepSpeed.** ``torch.func.jvp`` is applied to the engine passed in (ZeRO 0/1/2:
+  the engine's forward is the module's forward plus host-side bookkeeping, which functorch traces
+  through; tests/test_post.py checks u and du/dt against the plain module and a DeepSpeed step). The
+  loss backpropagates through the jvp's primal output u; du/dt only enters the stop-gradient target.
+  Dropout inside the jvp is one forward, so u and du/dt share its mask.
+- **MeanFlow from a flow-matching teacher** (use_r=False → use_r=True student): every key but the
+  r-embedding's (``*.r_embed.*``) must load; those stay at their seeded init, except the last layer of each
+  r-embedding MLP, which is zeroed, so the student starts as exactly the teacher: u(z, r, t) = v(z, t) for
+  every r. The keys left at init are listed in ``init_report["left_at_init"]`` and printed to stderr.
+
+``counters`` count batched network calls as they happen (each call covers the whole micro-batch; multiply
+by ``counters["samples"] / calls`` for per-image figures): ``teacher_nfe`` (ECD teacher denoiser calls),
+``student_fwd_grad`` / ``student_fwd_nograd`` (plain student forwards with / without autograd),
+``jvp`` (MeanFlow ``torch.func.jvp`` calls, each one forward plus its tangent; not counted as forwards).
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+
+from engine.build import build_raw_network, model_kind, wrap_network
+from engine.config import Config
+from engine.edm import sample_edm_sigma
+from engine.export import load_exported
+from engine.flow import expand_like, fm_interpolate, fm_velocity_target, sample_meanflow_times
+from engine.networks.layers import ConditionEmbedding
+from engine.solvers import edm_euler, edm_heun
+
+# Which source parameterisations each student can start from (by the exporting stage's model_kind).
+_COMPATIBLE_SOURCES = {"consistency": ("edm", "consistency"), "meanflow": ("flow", "meanflow")}
+
+
+def ect_r_schedule(t, q: float, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
+    """ECT's r(t) = t·(1 − (1/q)·(1 + k·sigmoid(−b·t))), clamped at 0 (SPEC §6). Pure; t any shape."""
+    t = torch.as_tensor(t)
+    return (t * (1 - (1 + k * torch.sigmoid(-b * t)) / q)).clamp(min=0)
+
+
+def l2_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample ‖a − b‖₂ over all but the batch dim (not squared)."""
+    return (a - b).flatten(1).norm(dim=1)
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device):
+    """Run a block, then put the global RNG back as it was before it: the next block sees the same numbers."""
+    cpu_state = torch.get_rng_state()
+    dev_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        if dev_state is not None:
+            torch.cuda.set_rng_state(dev_state, device)
+
+
+def _arch_signature(cfg: Config) -> dict:
+    """What fixes a raw network's parameter shapes, apart from use_r (handled separately)."""
+    n = cfg.network
+    return {"network.arch": n.arch, f"network.{n.arch}": getattr(n, n.arch), "network.num_classes": n.num_classes,
+            "data.resolution": cfg.data.resolution, "data.channels": cfg.data.channels}
+
+
+def _load_export(path, key: str):
+    try:
+        return load_exported(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{key}='{path}': {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{key}='{path}': {exc}") from None
+
+
+class PostTraining:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        p = cfg.post
+        self.method = p.method
+        if p.cfg_scale != 1.0:
+            raise NotImplementedError(f"post.cfg_scale={p.cfg_scale}: guided post-training is not implemented; "
+                                      "use post.cfg_scale=1.0")
+        if self.method == "meanflow":
+            if not cfg.network.use_r:
+                raise ValueError("post.method=meanflow trains u(z, r, t), which needs a second time input: "
+                                 "set network.use_r=true")
+            if p.loss != "l2":
+                raise ValueError(f"post.loss={p.loss} does not apply to post.method=meanflow (its loss is the "
+                                 "adaptive squared L2 of SPEC §6): set post.loss=l2")
+        net = build_raw_network(cfg)
+        self.init_report = self._initialise(net)
+        self.model = wrap_network(net, cfg, model_kind(cfg, "post"))
+        self.teacher = self._load_teacher() if self.method == "ecd" else None
+        self.teacher_labels = bool(self.teacher is not None and self.teacher_cfg.network.num_classes)
+        self.distance = self._build_distance() if self.method != "meanflow" else None
+        self.counters = {"teacher_nfe": 0, "student_fwd_grad": 0, "student_fwd_nograd": 0, "jvp": 0, "samples": 0}
+
+    # -- construction ---------------------------------------------------------------------------------
+    def _initialise(self, net: torch.nn.Module) -> dict:
+        p = self.cfg.post
+        if p.init == "random":
+            return {"init": "random", "left_at_init": []}
+        what = "mid-training run" if p.init == "mid" else "pre-trained teacher"
+        if not p.init_from:
+            raise ValueError(f"post.init={p.init} needs post.init_from: the run dir of the {what} "
+                             "(or set post.init=random)")
+        src_cfg, src_net, meta = _load_export(p.init_from, "post.init_from")
+        want, have = _arch_signature(self.cfg), _arch_signature(src_cfg)
+        diff = [f"{k}: {have[k]} (export) vs {want[k]} (this run)" for k in want if want[k] != have[k]]
+        if diff:
+            raise ValueError(f"post.init_from='{p.init_from}' holds a different architecture ({'; '.join(diff)}): "
+                             "post-train with the network config of the run you initialise from")
+        student_kind = model_kind(self.cfg, "post")
+        stage = meta.get("stage")
+        src_kind = model_kind(src_cfg, stage) if stage in ("pre", "mid", "post") else None
+        if src_kind is not None and src_kind not in _COMPATIBLE_SOURCES[student_kind]:
+            raise ValueError(f"post.init_from='{p.init_from}' holds a '{src_kind}' network ({stage} stage) but "
+                             f"post.method={self.method} needs one of {list(_COMPATIBLE_SOURCES[student_kind])}")
+        src_use_r, use_r = src_cfg.network.use_r, self.cfg.network.use_r
+        if src_use_r and not use_r:
+            raise ValueError(f"post.init_from='{p.init_from}' was trained with network.use_r=true; this run has "
+                             "network.use_r=false, which would drop its r-embedding: set network.use_r=true")
+        missing, unexpected = net.load_state_dict(src_net.state_dict(), strict=False)
+        allowed = [k for k in missing if ".r_embed." in f".{k}"] if use_r and not src_use_r else []
+        bad = [k for k in missing if k not in allowed]
+        if bad or unexpected:
+            raise ValueError(f"post.init_from='{p.init_from}' does not match this network: missing keys "
+                             f"{bad[:5]}, unexpected keys {unexpected[:5]}")
+        if allowed:
+            # The student starts as the FM teacher: a zero last layer makes the r-embedding add nothing.
+            for m in net.modules():
+                if isinstance(m, ConditionEmbedding) and m.r_embed is not None:
+                    torch.nn.init.zeros_(m.r_embed.mlp[-1].weight)
+                    torch.nn.init.zeros_(m.r_embed.mlp[-1].bias)
+            print(f"post: initialised from '{p.init_from}' (use_r=false); {len(allowed)} r-embedding tensors "
+                  "left at init, its last layer zeroed so u(z, r, t) = v(z, t) at the start", file=sys.stderr)
+        return {"init": p.init, "from": str(p.init_from), "source_kind": src_kind, "left_at_init": allowed}
+
+    def _load_teacher(self) -> torch.nn.Module:
+        p = self.cfg.post
+        if not p.teacher:
+            raise ValueError("post.method=ecd needs post.teacher: the run dir of the pre-trained EDM teacher")
+        tcfg, tnet, meta = _load_export(p.teacher, "post.teacher")
+        if tcfg.model.kind != "edm" or meta.get("stage", "pre") != "pre":
+            raise ValueError(f"post.teacher='{p.teacher}' is not an EDM teacher (model.kind={tcfg.model.kind}, "
+                             f"stage {meta.get('stage')}): ECD steps the PF-ODE of a pre-trained EDM denoiser")
+        for key in ("resolution", "channels"):
+            if getattr(tcfg.data, key) != getattr(self.cfg.data, key):
+                raise ValueError(f"post.teacher='{p.teacher}' has data.{key}={getattr(tcfg.data, key)}, "
+                                 f"this run {getattr(self.cfg.data, key)}")
+        self.teacher_cfg = tcfg
+        teacher = wrap_network(tnet, tcfg, "edm").float().eval()
+        teacher.requires_grad_(False)
+        return teacher
+
+    def _build_distance(self):
+        """post.loss=l2 is ‖·‖₂ per sample (SPEC §6, not squared); the perceptual kinds come from
+        engine.perceptual (a frozen module, kept out of ``model``, moved to the batch's device on use)."""
+        p = self.cfg.post
+        if p.loss == "l2":
+            return l2_distance
+        try:
+            from engine.perceptual import build_distance
+        except ImportError:
+            raise NotImplementedError(f"post.loss={p.loss} needs engine.perceptual, which is not available: "
+                                      "use post.loss=l2") from None
+        return build_distance(p.loss, channels=self.cfg.data.channels, resolution=self.cfg.data.resolution,
+                              feature_net=p.feature_net, config_key="post.feature_net")
+
+    # -- the loss -------------------------------------------------------------------------------------
+    def loss(self, model, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        x0 = batch["images"]
+        labels = batch.get("labels")
+        self.counters["samples"] += x0.shape[0]
+        if self.method == "meanflow":
+            p = self.cfg.post
+            r, t = sample_meanflow_times(x0.shape[0], p.mf_P_mean, p.mf_P_std, p.mf_equal_fraction,
+                                         generator=generator, device=x0.device)
+            eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            return self.meanflow_loss(model, x0, eps, r, t, labels).mean()
+        t, r = self.sample_times(x0.shape[0], generator, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = x0 + expand_like(t, x0) * eps
+        x_r = x0 + expand_like(r, x0) * eps if self.method == "ect" else self.teacher_step(x_t, t, r, labels)
+        return self.consistency_loss(model, x_t, t, x_r, r, labels, generator).mean()
+
+    def sample_times(self, batch: int, generator=None, device=None):
+        """(t, r): ln t ~ N(P_mean, P_std²) clamped to [σ_min, σ_max], r = ect_r_schedule(t)."""
+        p, m = self.cfg.post, self.cfg.model
+        t = sample_edm_sigma(batch, p.P_mean, p.P_std, generator=generator, device=device)
+        t = t.clamp(m.sigma_min, m.sigma_max)
+        return t, ect_r_schedule(t, p.q, p.k, p.b)
+
+    @torch.no_grad()
+    def teacher_step(self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, labels=None) -> torch.Tensor:
+        """ECD's x_r: one Euler/Heun step of the frozen teacher's PF-ODE from t to max(r, σ_min) (per sample)."""
+        teacher = self.teacher.to(x_t.device)
+        tl = labels if self.teacher_labels else None
+
+        def denoise(x, sigma):
+            self.counters["teacher_nfe"] += 1
+            return teacher(x.float(), sigma, tl)
+
+        grid = torch.stack([t, r.clamp(min=self.cfg.model.sigma_min)]).to(torch.float64)
+        solver = edm_heun if self.cfg.post.ecd_solver == "heun" else edm_euler
+        return solver(denoise, x_t, grid)[-1]
+
+    def consistency_loss(self, model, x_t, t, x_r, r, labels=None, generator=None) -> torch.Tensor:
+        """Per-sample d(f(x_t, t), sg f(x_r, r)) / (t − r), the target sharing the student's dropout mask.
+
+        Where r ≤ σ_min the target is x_r (the boundary condition; x_0 when r = 0), see the module doc.
+        ``generator`` feeds a perceptual distance's augmentation (ELatentLPIPS), if any.
+        """
+        sigma_min = self.cfg.model.sigma_min
+        boundary = r <= sigma_min
+        target = x_r
+        if not bool(boundary.all()):
+            with _replayed_rng(x_t.device), torch.no_grad():
+                target = model(x_r, r.clamp(min=sigma_min), labels)
+                self.counters["student_fwd_nograd"] += 1
+            target = torch.where(expand_like(boundary, x_r), x_r, target.to(x_r.dtype))
+        out = model(x_t, t, labels)
+        self.counters["student_fwd_grad"] += 1
+        if isinstance(self.distance, torch.nn.Module):
+            d = self.distance.to(out.device)(out, target.detach(), generator)
+        else:
+            d = self.distance(out, target.detach())
+        return d / (t - r).to(d.dtype)
+
+    def meanflow_jvp(self, model, z_t, v, r, t, labels=None):
+        """(u, du/dt) with du/dt = ∂u/∂z·v + ∂u/∂t, one ``torch.func.jvp`` along (v, 0, 1)."""
+        self.counters["jvp"] += 1
+        return torch.func.jvp(lambda z, r_, t_: model(z, r_, t_, labels), (z_t, r, t),
+                              (v, torch.zeros_like(r), torch.ones_like(t)))
+
+    def meanflow_target(self, dudt, v, r, t) -> torch.Tensor:
+        """u_tgt = sg(v − (t − r)·du/dt): the MeanFlow identity u = v − (t − r)·du/dt."""
+        return (v - expand_like(t - r, v).to(dudt.dtype) * dudt).detach()
+
+    def meanflow_loss(self, model, x0, eps, r, t, labels=None) -> torch.Tensor:
+        """Per-sample sg(w)·‖u − u_tgt‖², w = 1/(‖u − u_tgt‖² + c)^p (SPEC §6)."""
+        p = self.cfg.post
+        z_t, v = fm_interpolate(x0, eps, t), fm_velocity_target(x0, eps)
+        u, dudt = self.meanflow_jvp(model, z_t, v, r, t, labels)
+        err = (u - self.meanflow_target(dudt, v, r, t)).flatten(1).square().sum(dim=1)
+        w = 1.0 / (err.detach() + p.mf_adaptive_c) ** p.mf_adaptive_p
+        return w * err
