@@ -80,6 +80,46 @@ class PreConfig:
 
 
 @dataclass
+class MidConfig:
+    """CMT mid-training (SPEC §4 consistency form, §5 MeanFlow form) and its ablation baselines."""
+    form: Literal["consistency", "meanflow"] = "consistency"
+    method: Literal["cmt", "kd", "slow_cmt"] = "cmt"   # kd: only (x_T -> end); slow_cmt: one solve per pair
+    teacher: Optional[str] = None        # run dir (or export dir) of the pre-trained teacher; required
+    init: Literal["teacher", "random"] = "teacher"      # the student's starting weights
+    teacher_sampler: Literal["dpm_solver_pp", "fm_euler", "fm_heun", "meanflow"] = "dpm_solver_pp"
+    solver_steps: int = 16               # N steps. consistency: DPM-Solver++ on the lambda-uniform grid;
+                                         # meanflow: the authors' "8 steps, 28 pairs" is 8 time points = 7 here
+    solver_order: Literal[1, 2, 3] = 3
+    data_start: bool = False             # x_T = x_0 + sigma_max*eps (authors' code) instead of sigma_max*eps
+    loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
+    feature_net: Optional[str] = None    # weights of the perceptual network for lpips / elatentlpips
+    cfg_scale: float = 1.0               # must match across the three stages (SPEC §5)
+
+
+@dataclass
+class PostConfig:
+    """Post-training of the flow map (SPEC §6): ECT, ECD (teacher ODE step) or MeanFlow."""
+    method: Literal["ect", "ecd", "meanflow"] = "ect"
+    init: Literal["mid", "teacher", "random"] = "mid"
+    init_from: Optional[str] = None      # run dir of the mid-training run (init=mid) or the teacher (init=teacher)
+    teacher: Optional[str] = None        # ECD's teacher run dir
+    ecd_solver: Literal["euler", "heun"] = "heun"
+    P_mean: float = -1.1                 # ECT/ECD: ln t ~ N(P_mean, P_std^2)
+    P_std: float = 2.0
+    q: float = 4096.0                    # ECT's fixed q (CIFAR-10 4096, AFHQ 1024, FFHQ 512)
+    k: float = 8.0
+    b: float = 1.0
+    loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
+    feature_net: Optional[str] = None
+    mf_P_mean: float = -0.4              # MeanFlow: (r, t) logit-normal, sorted
+    mf_P_std: float = 1.0
+    mf_equal_fraction: float = 0.75      # share of samples with r = t
+    mf_adaptive_p: float = 1.0           # adaptive weight 1 / (||u - u_tgt||^2 + c)^p
+    mf_adaptive_c: float = 1.0e-3
+    cfg_scale: float = 1.0
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adam", "adamw", "radam"] = "adam"
     lr: float = 2e-3
@@ -115,6 +155,7 @@ class SampleConfig:
     steps: int = 16
     order: Literal[1, 2, 3] = 3
     num_images: int = 100         # grid size: a square number looks best
+    t_mid: float = 0.77569        # consistency 2-step sampling: re-noise to this sigma (t_7 of the N=16 grid)
     batch_size: int = 250
 
 
@@ -132,6 +173,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     pre: PreConfig = field(default_factory=PreConfig)
+    mid: MidConfig = field(default_factory=MidConfig)
+    post: PostConfig = field(default_factory=PostConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -143,20 +186,35 @@ class Config:
 # --------------------------------------------------------------------------------------------------
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML file (or start from defaults), apply `a.b=value` overrides, validate, return Config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist: pass --config with a YAML file from configs/")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}".replace("\n", " ")) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    raw = _read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         apply_override(raw, item)
     return from_dict(Config, raw)
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict[str, Any]:
+    """A YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first and merged under it."""
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist: pass --config with a YAML file from configs/")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' includes itself through 'base'")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

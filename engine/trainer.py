@@ -294,6 +294,7 @@ class Trainer:
                 elapsed = time.time() - tick
                 row = {"kimg": self.progress.nimg / 1000, "step": self.progress.step, "loss": mean_loss,
                        "lr": self.scheduler.get_last_lr()[0], "sec_per_kimg": elapsed / max(len(losses) * micro * self.world / 1000, 1e-9)}
+                row.update(getattr(self.stage, "counters", {}))   # counted work (teacher NFEs, pairs, ...)
                 self._log(row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}")
                 losses, tick = [], time.time()
