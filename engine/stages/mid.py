@@ -11,14 +11,18 @@ the number of pairs; the number of trajectories follows from the method (B/N for
 Which batch images are used: with ``mid.data_start`` the first B/N images start the B/N trajectories;
 Slow CMT uses all B images (one pair each); otherwise the images are not used (data-free), only their
 labels (the first trajectories' worth) for a class-conditional teacher.
+
+``mid.init=teacher`` starts the student from the teacher's raw weights (engine.build.transfer_weights):
+a strict copy, or, for a flow-matching teacher and a MeanFlow student (use_r), every key but the
+r-embedding's, whose last layer is zeroed so the student starts as the teacher (as the authors initialise
+MeanFlow from SiT). ``init_report["left_at_init"]`` lists the keys left at init.
 """
 from __future__ import annotations
 
 import torch
 
-from engine.build import build_raw_network, model_kind, wrap_network
+from engine.build import build_raw_network, load_export, model_kind, transfer_weights, wrap_network
 from engine.config import Config, ConfigError
-from engine.export import load_exported
 from engine.grids import edm_lambda_uniform_sigmas, fm_uniform_times
 from engine.perceptual import build_distance
 from engine.rollout import (CallCounter, TrajectoryPairs, consistency_pairs, kd_pairs, meanflow_pairs,
@@ -41,14 +45,19 @@ class MidTraining:
         # The student first, so its seeded init does not depend on the teacher (building it draws from
         # the global RNG that the trainer seeded).
         student = build_raw_network(cfg)
-        teacher_cfg, teacher_net, meta = _load_teacher(mid.teacher)
+        if not mid.teacher:
+            raise ConfigError("mid.teacher is not set: set mid.teacher to the pre-training run dir "
+                              "(e.g. --set mid.teacher=runs/digits-pre)")
+        teacher_cfg, teacher_net, meta = load_export(mid.teacher, "mid.teacher")
         self.teacher_cfg = teacher_cfg
         self.teacher_kind = model_kind(teacher_cfg, meta.get("stage", "pre"))
         _check_teacher(cfg, teacher_cfg, self.teacher_kind, mid.teacher)
         # Kept outside self.model: DeepSpeed neither optimises nor checkpoints it.
         self.teacher = wrap_network(teacher_net, teacher_cfg, self.teacher_kind).eval().requires_grad_(False)
-        if mid.init == "teacher":
-            _copy_weights(student, teacher_net, mid.teacher)
+        self.init_report = {"init": mid.init, "left_at_init": []}
+        if mid.init == "teacher":   # strict, or an FM teacher -> MeanFlow student starting as the teacher
+            self.init_report.update(transfer_weights(student, cfg, teacher_cfg, teacher_net, config_key="mid.teacher",
+                                                     path=mid.teacher, hint="or set mid.init=random"))
         try:
             self.model = wrap_network(student, cfg, model_kind(cfg, "mid"))
         except ValueError as exc:
@@ -163,16 +172,6 @@ def _check_mid_config(cfg: Config) -> None:
         raise ConfigError(f"mid.solver_steps must be >= 1, got {mid.solver_steps}")
 
 
-def _load_teacher(path):
-    if not path:
-        raise ConfigError("mid.teacher is not set: set mid.teacher to the pre-training run dir "
-                          "(e.g. --set mid.teacher=runs/digits-pre)")
-    try:
-        return load_exported(path)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"mid.teacher: {exc}; set mid.teacher to the pre-training run dir") from None
-
-
 def _check_teacher(cfg: Config, tcfg: Config, kind: str, path) -> None:
     mid = cfg.mid
     allowed = _SAMPLERS.get((mid.form, kind))
@@ -195,13 +194,3 @@ def _check_teacher(cfg: Config, tcfg: Config, kind: str, path) -> None:
         raise ConfigError(f"the MeanFlow teacher was trained with post.cfg_scale={tcfg.post.cfg_scale}; "
                           f"mid.cfg_scale={mid.cfg_scale} must match it (SPEC §5)")
 
-
-def _copy_weights(student: torch.nn.Module, teacher_net: torch.nn.Module, path) -> None:
-    """init=teacher: the teacher's raw weights, strictly (every key, every shape)."""
-    try:
-        student.load_state_dict(teacher_net.state_dict(), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()
-        detail = "; ".join(line.strip() for line in first[1:3])
-        raise ConfigError(f"mid.init=teacher: the student's network differs from mid.teacher='{path}' "
-                          f"({detail}): use the teacher's network.* settings, or mid.init=random") from None

@@ -23,10 +23,11 @@ Decisions worth knowing:
   through; tests/test_post.py checks u and du/dt against the plain module and a DeepSpeed step). The
   loss backpropagates through the jvp's primal output u; du/dt only enters the stop-gradient target.
   Dropout inside the jvp is one forward, so u and du/dt share its mask.
-- **MeanFlow from a flow-matching teacher** (use_r=False → use_r=True student): every key but the
-  r-embedding's (``*.r_embed.*``) must load; those stay at their seeded init, except the last layer of each
-  r-embedding MLP, which is zeroed, so the student starts as exactly the teacher: u(z, r, t) = v(z, t) for
-  every r. The keys left at init are listed in ``init_report["left_at_init"]`` and printed to stderr.
+- **Initialisation** (post.init=mid/teacher) is engine.build's load_export + transfer_weights, shared with
+  mid-training: strict, except a MeanFlow student from a flow-matching teacher (use_r=False → use_r=True),
+  which starts as exactly the teacher (u(z, r, t) = v(z, t) for every r; the r-embedding's keys are left
+  at init, listed in ``init_report["left_at_init"]`` and printed to stderr). This stage only adds which
+  source kinds each method accepts (``_COMPATIBLE_SOURCES``).
 
 ``counters`` count batched network calls as they happen (each call covers the whole micro-batch; multiply
 by ``counters["samples"] / calls`` for per-image figures): ``teacher_nfe`` (ECD teacher denoiser calls),
@@ -36,16 +37,14 @@ by ``counters["samples"] / calls`` for per-image figures): ``teacher_nfe`` (ECD 
 from __future__ import annotations
 
 import contextlib
-import sys
 
 import torch
 
-from engine.build import build_raw_network, model_kind, wrap_network
+from engine.build import build_raw_network, load_export, model_kind, transfer_weights, wrap_network
 from engine.config import Config
 from engine.edm import sample_edm_sigma
-from engine.export import load_exported
 from engine.flow import expand_like, fm_interpolate, fm_velocity_target, sample_meanflow_times
-from engine.networks.layers import ConditionEmbedding
+from engine.perceptual import build_distance
 from engine.solvers import edm_euler, edm_heun
 
 # Which source parameterisations each student can start from (by the exporting stage's model_kind).
@@ -74,22 +73,6 @@ def _replayed_rng(device: torch.device):
         torch.set_rng_state(cpu_state)
         if dev_state is not None:
             torch.cuda.set_rng_state(dev_state, device)
-
-
-def _arch_signature(cfg: Config) -> dict:
-    """What fixes a raw network's parameter shapes, apart from use_r (handled separately)."""
-    n = cfg.network
-    return {"network.arch": n.arch, f"network.{n.arch}": getattr(n, n.arch), "network.num_classes": n.num_classes,
-            "data.resolution": cfg.data.resolution, "data.channels": cfg.data.channels}
-
-
-def _load_export(path, key: str):
-    try:
-        return load_exported(path)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{key}='{path}': {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"{key}='{path}': {exc}") from None
 
 
 class PostTraining:
@@ -124,43 +107,22 @@ class PostTraining:
         if not p.init_from:
             raise ValueError(f"post.init={p.init} needs post.init_from: the run dir of the {what} "
                              "(or set post.init=random)")
-        src_cfg, src_net, meta = _load_export(p.init_from, "post.init_from")
-        want, have = _arch_signature(self.cfg), _arch_signature(src_cfg)
-        diff = [f"{k}: {have[k]} (export) vs {want[k]} (this run)" for k in want if want[k] != have[k]]
-        if diff:
-            raise ValueError(f"post.init_from='{p.init_from}' holds a different architecture ({'; '.join(diff)}): "
-                             "post-train with the network config of the run you initialise from")
+        src_cfg, src_net, meta = load_export(p.init_from, "post.init_from")
         student_kind = model_kind(self.cfg, "post")
         stage = meta.get("stage")
         src_kind = model_kind(src_cfg, stage) if stage in ("pre", "mid", "post") else None
         if src_kind is not None and src_kind not in _COMPATIBLE_SOURCES[student_kind]:
             raise ValueError(f"post.init_from='{p.init_from}' holds a '{src_kind}' network ({stage} stage) but "
                              f"post.method={self.method} needs one of {list(_COMPATIBLE_SOURCES[student_kind])}")
-        src_use_r, use_r = src_cfg.network.use_r, self.cfg.network.use_r
-        if src_use_r and not use_r:
-            raise ValueError(f"post.init_from='{p.init_from}' was trained with network.use_r=true; this run has "
-                             "network.use_r=false, which would drop its r-embedding: set network.use_r=true")
-        missing, unexpected = net.load_state_dict(src_net.state_dict(), strict=False)
-        allowed = [k for k in missing if ".r_embed." in f".{k}"] if use_r and not src_use_r else []
-        bad = [k for k in missing if k not in allowed]
-        if bad or unexpected:
-            raise ValueError(f"post.init_from='{p.init_from}' does not match this network: missing keys "
-                             f"{bad[:5]}, unexpected keys {unexpected[:5]}")
-        if allowed:
-            # The student starts as the FM teacher: a zero last layer makes the r-embedding add nothing.
-            for m in net.modules():
-                if isinstance(m, ConditionEmbedding) and m.r_embed is not None:
-                    torch.nn.init.zeros_(m.r_embed.mlp[-1].weight)
-                    torch.nn.init.zeros_(m.r_embed.mlp[-1].bias)
-            print(f"post: initialised from '{p.init_from}' (use_r=false); {len(allowed)} r-embedding tensors "
-                  "left at init, its last layer zeroed so u(z, r, t) = v(z, t) at the start", file=sys.stderr)
-        return {"init": p.init, "from": str(p.init_from), "source_kind": src_kind, "left_at_init": allowed}
+        report = transfer_weights(net, self.cfg, src_cfg, src_net, config_key="post.init_from", path=p.init_from,
+                                  hint="or set post.init=random")
+        return {"init": p.init, "source_kind": src_kind, **report}
 
     def _load_teacher(self) -> torch.nn.Module:
         p = self.cfg.post
         if not p.teacher:
             raise ValueError("post.method=ecd needs post.teacher: the run dir of the pre-trained EDM teacher")
-        tcfg, tnet, meta = _load_export(p.teacher, "post.teacher")
+        tcfg, tnet, meta = load_export(p.teacher, "post.teacher")
         if tcfg.model.kind != "edm" or meta.get("stage", "pre") != "pre":
             raise ValueError(f"post.teacher='{p.teacher}' is not an EDM teacher (model.kind={tcfg.model.kind}, "
                              f"stage {meta.get('stage')}): ECD steps the PF-ODE of a pre-trained EDM denoiser")
@@ -179,11 +141,6 @@ class PostTraining:
         p = self.cfg.post
         if p.loss == "l2":
             return l2_distance
-        try:
-            from engine.perceptual import build_distance
-        except ImportError:
-            raise NotImplementedError(f"post.loss={p.loss} needs engine.perceptual, which is not available: "
-                                      "use post.loss=l2") from None
         return build_distance(p.loss, channels=self.cfg.data.channels, resolution=self.cfg.data.resolution,
                               feature_net=p.feature_net, config_key="post.feature_net")
 
