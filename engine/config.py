@@ -141,7 +141,7 @@ class TrainConfig:
     checkpoint_every_kimg: float = 25.0
     keep_checkpoints: int = 2
     log_every_kimg: float = 2.0
-    snapshot_every_kimg: float = 0.0   # sample grids during training; 0 = only at the end
+    snapshot_every_kimg: float = 0.0   # also export the EMA net to snapshots/kimg-XXXXXX.X/ this often; 0 = off
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum: int = 1

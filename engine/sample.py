@@ -1,6 +1,7 @@
 """Generate images from an exported network and save them as a PNG grid.
 
-    python -m engine.sample --run-dir runs/demo/pre --steps 16 --out grid.png
+    python -m engine.sample --run-dir runs/demo/pre --steps 16 --out grid.png    # teacher: ODE solver
+    python -m engine.sample --run-dir runs/demo/post --steps 2 --out grid.png    # flow map: 2 jumps
 """
 from __future__ import annotations
 
@@ -13,46 +14,57 @@ import torch
 
 from engine.config import Config, ConfigError
 from engine.grids import edm_lambda_uniform_sigmas, fm_uniform_times, karras_sigmas
-from engine.networks.precond import EDMDenoiser, FlowVelocity
+from engine.build import model_kind, wrap_network
+from engine.fewstep import consistency_sample, meanflow_sample
 from engine.solvers import dpm_solver_pp, edm_euler, edm_heun, fm_euler, fm_heun
 
 
-@torch.no_grad()
-def generate_teacher(net: torch.nn.Module, cfg: Config, num: int, seed: int, solver: str | None = None,
-                     steps: int | None = None, order: int | None = None, batch_size: int | None = None,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
-    """Samples [num, C, H, W] from a diffusion network by solving its ODE (defaults from cfg.sample)."""
-    solver = solver or cfg.sample.solver
-    steps = steps or cfg.sample.steps
-    order = order or cfg.sample.order
-    batch_size = batch_size or cfg.sample.batch_size
+def _teacher_states(model, kind: str, cfg: Config, eps, labels, solver: str, steps: int, order: int) -> list:
     m = cfg.model
+    if kind == "edm":
+        fn = lambda x, s: model(x, s, labels)  # noqa: E731
+        if solver == "dpm_solver_pp":
+            sigmas = edm_lambda_uniform_sigmas(steps, m.sigma_min, m.sigma_max).to(eps.device)
+            return dpm_solver_pp(fn, eps * m.sigma_max, sigmas, order=order)
+        sigmas = karras_sigmas(steps, m.sigma_min, m.sigma_max).to(eps.device)
+        return (edm_heun if solver == "heun" else edm_euler)(fn, eps * m.sigma_max, sigmas)
+    if solver == "dpm_solver_pp":
+        raise ConfigError("sample.solver=dpm_solver_pp needs model.kind=edm; use heun or euler for a flow-matching model")
+    times = fm_uniform_times(steps).to(eps.device)
+    return (fm_heun if solver == "heun" else fm_euler)(lambda z, t: model(z, t, labels), eps, times)
+
+
+@torch.no_grad()
+def generate(net: torch.nn.Module, cfg: Config, kind: str, num: int, seed: int, solver: str | None = None,
+             steps: int | None = None, order: int | None = None, batch_size: int | None = None,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """Samples [num, C, H, W] from a raw network used as `kind` (engine.build.model_kind).
+
+    Teachers ('edm', 'flow') solve their ODE (defaults from cfg.sample); flow maps ('consistency',
+    'meanflow') take `steps` jumps (default 1; consistency 2-step re-noises to cfg.sample.t_mid).
+    The noise is drawn at once from `seed`, so the images do not depend on batch_size.
+    """
+    teacher = kind in ("edm", "flow")
+    steps = steps or (cfg.sample.steps if teacher else 1)
+    solver, order = solver or cfg.sample.solver, order or cfg.sample.order
+    batch_size = batch_size or cfg.sample.batch_size
+    model = wrap_network(net, cfg, kind).eval()
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num, *shape), generator=gen)   # drawn at once: the images do not depend on batch_size
-    labels = None
-    if cfg.network.num_classes > 0:
-        labels = torch.randint(0, cfg.network.num_classes, (num,), generator=gen)
+    noise = torch.randn((num, *shape), generator=gen)
+    labels = torch.randint(0, cfg.network.num_classes, (num,), generator=gen) if cfg.network.num_classes > 0 else None
     out = []
     for lo in range(0, num, batch_size):
         eps = noise[lo:lo + batch_size].to(device)
         lab = None if labels is None else labels[lo:lo + batch_size].to(device)
-        if m.kind == "edm":
-            den = EDMDenoiser(net, sigma_data=m.sigma_data).eval()
-            fn = lambda x, s: den(x, s, lab)  # noqa: E731
-            if solver == "dpm_solver_pp":
-                sig = edm_lambda_uniform_sigmas(steps, m.sigma_min, m.sigma_max).to(device)
-                states = dpm_solver_pp(fn, eps * m.sigma_max, sig, order=order)
-            else:
-                sig = karras_sigmas(steps, m.sigma_min, m.sigma_max).to(device)
-                states = (edm_heun if solver == "heun" else edm_euler)(fn, eps * m.sigma_max, sig)
+        if teacher:
+            states = _teacher_states(model, kind, cfg, eps, lab, solver, steps, order)
+        elif kind == "consistency":
+            renoise = torch.Generator(device).manual_seed(seed + 1 + lo)
+            states = consistency_sample(lambda x, s: model(x, s, lab), eps, cfg.model.sigma_max, steps,
+                                        cfg.sample.t_mid, cfg.model.sigma_min, generator=renoise)
         else:
-            if solver == "dpm_solver_pp":
-                raise ConfigError("sample.solver=dpm_solver_pp needs model.kind=edm; use heun or euler "
-                                  "for a flow-matching model")
-            vel = FlowVelocity(net).eval()
-            times = fm_uniform_times(steps).to(device)
-            states = (fm_heun if solver == "heun" else fm_euler)(lambda z, t: vel(z, t, lab), eps, times)
+            states = meanflow_sample(lambda z, r, t: model(z, r, t, lab), eps, steps)
         out.append(states[-1].float().cpu())
     return torch.cat(out)
 
@@ -82,7 +94,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True, help="a training run dir (or its export/ dir)")
     p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--steps", type=int, default=None, help="solver steps (default: the run's sample.steps)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="solver steps for a teacher (default: sample.steps); jumps for a flow map (default 1)")
     p.add_argument("--solver", choices=["dpm_solver_pp", "heun", "euler"], default=None)
     p.add_argument("--order", type=int, choices=[1, 2, 3], default=None)
     p.add_argument("--num", type=int, default=None, help="number of images (default: sample.num_images)")
@@ -92,8 +105,9 @@ def main(argv=None) -> int:
 
     try:
         cfg, net, meta = load_exported(args.run_dir)
-        images = generate_teacher(net, cfg, args.num or cfg.sample.num_images, args.seed, args.solver,
-                                  args.steps, args.order)
+        kind = model_kind(cfg, meta.get("stage", "pre"))
+        images = generate(net, cfg, kind, args.num or cfg.sample.num_images, args.seed, args.solver,
+                          args.steps, args.order)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

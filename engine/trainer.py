@@ -235,10 +235,10 @@ class Trainer:
             print(f"resumed from {self.ckpt_dir / tag} at {self.progress.nimg / 1000:g} kimg", file=sys.stderr)
         return True
 
-    def export(self) -> None:
+    def export(self, out_dir: Path | None = None) -> None:
         ema_model = copy.deepcopy(self.stage.model)
         self.ema.copy_to(ema_model)
-        export_network(ema_model.net, self.cfg, self.run_dir / "export",
+        export_network(ema_model.net, self.cfg, out_dir or self.run_dir / "export",
                        meta={"stage": self.stage_name, "kimg": self.progress.nimg / 1000, "step": self.progress.step})
 
     # -- logging ------------------------------------------------------------------------------------
@@ -269,6 +269,7 @@ class Trainer:
         total = int(t.total_kimg * 1000)
         next_ckpt = _next_multiple(self.progress.nimg, t.checkpoint_every_kimg * 1000)
         next_log = _next_multiple(self.progress.nimg, t.log_every_kimg * 1000)
+        next_snapshot = _next_multiple(self.progress.nimg, t.snapshot_every_kimg * 1000)
         bar = _progress_bar(self.rank == 0 and t.progress, total, self.progress.nimg, self.stage_name, resumed)
         micro = t.batch_size // (self.world * t.grad_accum)
         losses, tick = [], time.time()
@@ -299,6 +300,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}")
                 losses, tick = [], time.time()
                 next_log = _next_multiple(self.progress.nimg, t.log_every_kimg * 1000)
+            if self.progress.nimg >= next_snapshot:
+                if self.rank == 0:
+                    self.export(self.run_dir / "snapshots" / f"kimg-{self.progress.nimg / 1000:08.1f}")
+                next_snapshot = _next_multiple(self.progress.nimg, t.snapshot_every_kimg * 1000)
             if self.progress.nimg >= next_ckpt or self.progress.nimg >= total:
                 self.save_checkpoint()
                 next_ckpt = _next_multiple(self.progress.nimg, t.checkpoint_every_kimg * 1000)

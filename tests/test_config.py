@@ -54,3 +54,16 @@ def test_round_trip(tmp_path):
     cfg = load_config(None, ["train.seed=7", "network.arch=dit"])
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "a.yaml").write_text("name: a\ntrain:\n  seed: 3\n  batch_size: 64\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\ntrain:\n  seed: 5\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.name, cfg.train.seed, cfg.train.batch_size) == ("b", 5, 64)
+    (tmp_path / "c.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml' does not exist"):
+        load_config(tmp_path / "d.yaml")
