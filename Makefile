@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo claims test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -22,10 +22,12 @@ $(STAMP): setup.py Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(PY) engine/train.py --stage pre --config configs/digits.yaml --run-dir $(RUN)/pre
-	$(PY) -m engine.sample --run-dir $(RUN)/pre --out $(RUN)/pre/grid_dpm16.png
-	$(PY) -m engine.evaluate --run-dir $(RUN)/pre --json $(RUN)/pre/metrics.json
-	$(PY) -m engine.plots --run-dir $(RUN)/pre --out $(RUN)/pre/loss.png
+	$(PY) -m engine.demo --out $(RUN)
+
+# The initialisation ablation (issue #3): needs the demo's teacher; ~30 min on 2 cores.
+claims: setup
+	test -f $(RUN)/pre/export/network.safetensors || $(PY) engine/train.py --stage pre --config configs/digits.yaml --run-dir $(RUN)/pre
+	$(PY) -m benchmarks.claims --teacher $(RUN)/pre --out benchmarks/results/claims
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests
