@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--mid", default=str(ROOT / "configs" / "digits_cmt.yaml"))
     p.add_argument("--post", default=str(ROOT / "configs" / "digits_ect.yaml"))
     p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--post-kimg", type=float, default=12.8,
+                   help="post-training budget; short by default so the demo fits 20 minutes on 2 cores")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in all three stages (repeatable)")
     args = p.parse_args(argv)
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
     try:
         for stage, config, extra in (("pre", args.pre, []),
                                      ("mid", args.mid, [f"mid.teacher={runs['pre']}"]),
-                                     ("post", args.post, [f"post.init_from={runs['mid']}"])):
+                                     ("post", args.post, [f"post.init_from={runs['mid']}",
+                                                          f"train.total_kimg={args.post_kimg}"])):
             t = time.time()
             run_stage(stage, Path(config), runs[stage], [*args.overrides, *extra])
             timings[f"{stage}_train_seconds"] = round(time.time() - t, 1)

@@ -288,7 +288,7 @@ class Trainer:
             self.ema.update(self.stage.model, self.progress.step)
             if not math.isfinite(losses[-1].item()):
                 raise FloatingPointError(f"loss became {losses[-1].item()} at kimg {self.progress.nimg / 1000:.1f}: "
-                                         "lower optim.lr or enable train.grad_clip")
+                                         "lower optim.lr or set optim.grad_clip")
             bar.update(t.batch_size)
             if self.progress.nimg >= next_log or self.progress.nimg >= total:
                 mean_loss = _mean_over_ranks(torch.stack(losses).mean())

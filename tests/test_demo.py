@@ -13,7 +13,7 @@ TINY = ["data.resolution=8", "network.unet.channels=[8,16]", "network.unet.num_b
 
 
 def test_demo_runs_three_stages_and_writes_results(tmp_path):
-    cmd = [sys.executable, "-m", "engine.demo", "--out", str(tmp_path), "--eval-samples", "300"]
+    cmd = [sys.executable, "-m", "engine.demo", "--out", str(tmp_path), "--eval-samples", "300", "--post-kimg", "0.32"]
     for o in TINY:
         cmd += ["--set", o]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
