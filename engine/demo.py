@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TITLES = {"pre": "pre-training (teacher)", "mid": "mid-training (CMT)", "post": "post-training (ECT)"}
 
 
 def run_stage(stage: str, config: Path, run_dir: Path, overrides: list[str]) -> Path:
@@ -37,7 +38,7 @@ def plot_stage_losses(run_dirs: dict[str, Path], out: Path) -> Path:
     for ax, (stage, run_dir) in zip(axes, run_dirs.items()):
         rows = read_log(run_dir)
         ax.plot([r["kimg"] for r in rows], [r["loss"] for r in rows])
-        ax.set_title(f"{stage}: {json.loads((run_dir / 'export' / 'meta.json').read_text()).get('stage')}")
+        ax.set_title(TITLES.get(stage, stage))
         ax.set_xlabel("kimg")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)

@@ -1,4 +1,17 @@
 import os
 
+import pytest
+import torch
+
 # DeepSpeed picks its accelerator at import: on these CPU-only machines it must be the CPU one.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests use tiny tensors, where OpenMP synchronisation costs more than it saves — up to ~100x on a
+    2-core machine that is also running something else. Subprocess tests set their own threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,14 +14,6 @@ TINY = {"unet": ["data.resolution=8", "network.unet.channels=[8,16]", "network.u
                 "network.dit.num_heads=2"]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg_of(*overrides, arch="unet"):
     return load_config(None, [*TINY[arch], *overrides])
 

@@ -16,15 +16,6 @@ from engine.networks.precond import ConsistencyFunction, EDMDenoiser, FlowVeloci
 SD = 0.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP synchronisation costs more than it saves (~100x on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Stub(nn.Module):
     """F(y; c) = a·y + b·c: lets tests pick the raw network exactly."""
 

@@ -11,15 +11,6 @@ from engine.networks.precond import ConsistencyFunction, EDMDenoiser, FlowVeloci
 from engine.stages.mid import MidTraining
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions on a shared 2-core machine run far faster on one thread than fighting for two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(kind="edm", use_r=False, num_classes=0) -> Config:
     cfg = Config()
     cfg.data.resolution = 8

@@ -8,15 +8,6 @@ from engine.networks.layers import attention
 from engine.networks.precond import ConsistencyFunction, EDMDenoiser, FlowVelocity, MeanFlowModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP synchronisation costs more than it saves (~100x on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = {
     "unet": dict(channels=(8, 16), num_blocks=1, attn_resolutions=(4,)),
     "dit": dict(patch_size=2, hidden_size=32, depth=2, num_heads=2),

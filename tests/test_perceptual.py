@@ -10,15 +10,6 @@ from engine.perceptual import (GNVGG, L2Distance, PerceptualDistance, augment_pa
                                train_feature_classifier)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions on a shared 2-core machine run far faster on one thread than fighting for two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def naive_distance(f0, f1, weights=None, eps=1e-10):
     """Loop over every sample, position and channel."""
     B, C, H, W = f0.shape

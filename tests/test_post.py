@@ -19,15 +19,6 @@ TINY_DIT = ["data.resolution=8", "network.arch=dit", "network.dit.hidden_size=32
             "network.dit.num_heads=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: OpenMP synchronisation costs more than it saves on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg_of(*overrides, arch="unet"):
     return load_config(None, [*(TINY_UNET if arch == "unet" else TINY_DIT), "post.init=random", *overrides])
 

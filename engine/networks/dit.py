@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.networks.layers import ConditionEmbedding, SelfAttention, per_sample
+from engine.networks.layers import ConditionEmbedding, SelfAttention, network_inputs
 
 
 def sincos_pos_embed_2d(grid: int, dim: int) -> torch.Tensor:
@@ -83,13 +83,7 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, noise_label, r_label=None, class_labels=None) -> torch.Tensor:
-        if x.shape[1:] != (self.in_channels, self.img_resolution, self.img_resolution):
-            raise ValueError(f"expected input [B, {self.in_channels}, {self.img_resolution}, "
-                             f"{self.img_resolution}], got {tuple(x.shape)}")
-        b = x.shape[0]
-        noise_label = per_sample(noise_label, b, x.device)
-        if r_label is not None:
-            r_label = per_sample(r_label, b, x.device)
+        noise_label, r_label = network_inputs(x, self.in_channels, self.img_resolution, noise_label, r_label)
         c = F.silu(self.embed(noise_label, r_label, class_labels))
 
         h = self.patch(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)
@@ -97,5 +91,5 @@ class DiT(nn.Module):
             h = blk(h, c)
         shift, scale = self.ada_out(c)[:, None].chunk(2, dim=-1)
         h = self.out(_modulate(self.norm_out(h), shift, scale))
-        g, p, co = self.grid, self.patch_size, self.out_channels
+        b, g, p, co = x.shape[0], self.grid, self.patch_size, self.out_channels
         return h.reshape(b, g, g, p, p, co).permute(0, 5, 1, 3, 2, 4).reshape(b, co, g * p, g * p)

@@ -131,3 +131,11 @@ def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with up to 32 groups of at least 4 channels."""
     return nn.GroupNorm(max(1, min(32, channels // 4)), channels, eps=1e-6)
 
+
+def network_inputs(x: torch.Tensor, in_channels: int, img_resolution: int, noise_label, r_label=None):
+    """Check x's shape against the network's and broadcast the time labels to [B] (r_label may be None)."""
+    if x.shape[1:] != (in_channels, img_resolution, img_resolution):
+        raise ValueError(f"expected input [B, {in_channels}, {img_resolution}, {img_resolution}], "
+                         f"got {tuple(x.shape)}")
+    b = x.shape[0]
+    return per_sample(noise_label, b, x.device), None if r_label is None else per_sample(r_label, b, x.device)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.networks.layers import ConditionEmbedding, SelfAttention, group_norm, per_sample
+from engine.networks.layers import ConditionEmbedding, SelfAttention, group_norm, network_inputs
 
 SKIP_SCALE = math.sqrt(0.5)  # keeps the variance of residual sums ≈ that of their inputs
 
@@ -122,13 +122,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(c, self.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, noise_label, r_label=None, class_labels=None) -> torch.Tensor:
-        if x.shape[1:] != (self.in_channels, self.img_resolution, self.img_resolution):
-            raise ValueError(f"expected input [B, {self.in_channels}, {self.img_resolution}, "
-                             f"{self.img_resolution}], got {tuple(x.shape)}")
-        b = x.shape[0]
-        noise_label = per_sample(noise_label, b, x.device)
-        if r_label is not None:
-            r_label = per_sample(r_label, b, x.device)
+        noise_label, r_label = network_inputs(x, self.in_channels, self.img_resolution, noise_label, r_label)
         emb = F.silu(self.embed(noise_label, r_label, class_labels))
 
         h = self.conv_in(x)
