@@ -15,3 +15,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_rendezvous(monkeypatch):
+    """A test that started DeepSpeed in-process leaves RANK/MASTER_PORT in os.environ (a plain-python run
+    becomes a world of one that way); a CLI subprocess inheriting them would try to bind that same port."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
