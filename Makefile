@@ -32,8 +32,9 @@ claims: setup
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
+# Tests marked slow (minutes each). pytest exits 5 when none are collected, which is not a failure here.
 test-slow: setup
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 
 bench: setup
 	@echo "make bench: no benchmarks yet (they arrive with issues #4, #5, #8)" >&2; exit 2
