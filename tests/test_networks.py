@@ -6,6 +6,7 @@ import torch
 from engine.networks import DiT, UNet, build_network
 from engine.networks.layers import attention
 from engine.networks.precond import ConsistencyFunction, EDMDenoiser, FlowVelocity, MeanFlowModel
+from helpers import randomize_
 
 
 TINY = {
@@ -16,15 +17,6 @@ TINY = {
 
 def tiny(arch, res=8, cin=2, **kw):
     return build_network(arch, img_resolution=res, in_channels=cin, **{**TINY[arch], **kw})
-
-
-def randomize_(net, std=0.2, seed=0):
-    """Zero-initialised residual branches and gates hide most of the net at init: use random weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return net
 
 
 def n_params(net):

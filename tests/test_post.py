@@ -12,6 +12,7 @@ from engine.export import export_network
 from engine.networks.precond import EDMDenoiser, FlowVelocity
 from engine.solvers import edm_euler, edm_heun
 from engine.stages.post import PostTraining, ect_r_schedule
+from helpers import randomize_
 
 TINY_UNET = ["data.resolution=8", "network.unet.channels=[8,16]", "network.unet.num_blocks=1",
              "network.unet.attn_resolutions=[4]"]
@@ -23,18 +24,9 @@ def cfg_of(*overrides, arch="unet"):
     return load_config(None, [*(TINY_UNET if arch == "unet" else TINY_DIT), "post.init=random", *overrides])
 
 
-def randomize_(module, std=0.1, seed=0):
-    """Zero-initialised output layers hide the net at init: use random weights."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-    return module
-
-
 def export(tmp_path, name, cfg, stage="pre", seed=0):
     torch.manual_seed(seed)
-    net = randomize_(build_raw_network(cfg), seed=seed)
+    net = randomize_(build_raw_network(cfg), std=0.1, seed=seed)
     export_network(net, cfg, tmp_path / name / "export", meta={"stage": stage})
     return tmp_path / name, net
 
@@ -126,7 +118,7 @@ def test_target_shares_the_students_dropout_mask():
     exactly, while two plain successive forwards differ (dropout is really active), and the global RNG
     leaves the step as after one forward."""
     stage = PostTraining(cfg_of("network.dropout=0.5"))
-    randomize_(stage.model.net)
+    randomize_(stage.model.net, std=0.1)
     spy = Spy(stage.model.train())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 1, 8, 8, generator=g)
@@ -218,7 +210,7 @@ def test_ecd_errors(tmp_path):
 @pytest.mark.parametrize("arch", ["dit", "unet"])
 def test_meanflow_target_matches_finite_differences(arch):
     stage = PostTraining(cfg_of("post.method=meanflow", "network.use_r=true", arch=arch))
-    u = randomize_(stage.model).double().eval()
+    u = randomize_(stage.model, std=0.1).double().eval()
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
     eps = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
