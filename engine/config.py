@@ -167,6 +167,15 @@ class EvalConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Which implementation each fused op uses (kernels.dispatch): auto = the fast path on CUDA when
+    available, the PyTorch reference otherwise. Forcing a fast path that cannot run is an error."""
+    dpm_solver_step: Literal["auto", "triton", "torch"] = "auto"
+    attention: Literal["auto", "triton", "torch"] = "auto"
+    feature_distance: Literal["auto", "cuda", "cpp", "torch"] = "auto"
+
+
+@dataclass
 class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -179,6 +188,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 # --------------------------------------------------------------------------------------------------

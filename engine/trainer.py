@@ -7,6 +7,7 @@ run needs only the checkpoint's model, optimizer, EMA, lr schedule and image cou
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from engine.config import Config, ConfigError, save_config, to_dict
 from engine.data import InfiniteSampler, build_dataset
 from engine.export import export_network
 from engine.stages import build_stage
+from kernels import dispatch as kernel_dispatch
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class Trainer:
         self.dataset = build_dataset(cfg.data.source, cfg.data.path, resolution=cfg.data.resolution,
                                      channels=cfg.data.channels, split="train", layout=cfg.data.layout,
                                      labels_path=cfg.data.labels_path)
+        for op, impl in dataclasses.asdict(cfg.kernels).items():
+            kernel_dispatch.set_policy(op, impl)
         torch.manual_seed(cfg.train.seed)   # the initial weights are fixed by the seed
         self.stage = build_stage(stage_name, cfg)
         self.rank, self.world = init_distributed()
@@ -296,6 +300,7 @@ class Trainer:
                 row = {"kimg": self.progress.nimg / 1000, "step": self.progress.step, "loss": mean_loss,
                        "lr": self.scheduler.get_last_lr()[0], "sec_per_kimg": elapsed / max(len(losses) * micro * self.world / 1000, 1e-9)}
                 row.update(getattr(self.stage, "counters", {}))   # counted work (teacher NFEs, pairs, ...)
+                row["kernels"] = kernel_dispatch.implementations_run()   # which implementation each op used
                 self._log(row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}")
                 losses, tick = [], time.time()

@@ -5,6 +5,8 @@ import torch
 
 # DeepSpeed picks its accelerator at import: on these CPU-only machines it must be the CPU one.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Triton kernels run on the CPU through the interpreter; it is read when a kernel is decorated.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
