@@ -77,6 +77,8 @@ class PreConfig:
     P_std: float = 1.2
     t_mean: float = 0.0           # t ~ logit-normal(t_mean, t_std) (flow matching)
     t_std: float = 1.0
+    label_dropout: float = 0.0    # share of labels replaced by the null class: trains the unconditional
+                                  # model that classifier-free guidance needs (class-conditional nets only)
 
 
 @dataclass
@@ -116,7 +118,8 @@ class PostConfig:
     mf_equal_fraction: float = 0.75      # share of samples with r = t
     mf_adaptive_p: float = 1.0           # adaptive weight 1 / (||u - u_tgt||^2 + c)^p
     mf_adaptive_c: float = 1.0e-3
-    cfg_scale: float = 1.0
+    cfg_scale: float = 1.0               # MeanFlow: guidance trained into u (MeanFlow Eq. 13); ECT/ECD: 1 only
+    label_dropout: float = 0.0           # MeanFlow: share of labels dropped to the null class (their target stays v)
 
 
 @dataclass

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--post-kimg", type=float, default=12.8,
                    help="post-training budget; short by default so the demo fits 20 minutes on 2 cores")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config value in all three stages (repeatable)")
     args = p.parse_args(argv)
 

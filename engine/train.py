@@ -19,8 +19,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage", required=True, choices=["pre", "mid", "post"])
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/digits.yaml")
     p.add_argument("--run-dir", default=None, help="where checkpoints, exports and logs go (default runs/<name>-<stage>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.total_kimg=50 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.total_kimg=50 train.seed=1 (repeatable)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -248,6 +248,51 @@ def test_meanflow_adaptive_weight_is_stop_gradient():
     assert a.grad.item() == pytest.approx(10 / math.sqrt(25.25))
 
 
+def test_meanflow_guidance_trained_in_hand_case():
+    """ṽ = ω·v + (1 − ω)·u(z, t, t | ∅) replaces v in the jvp tangent and the target; dropped labels keep v."""
+    stage = PostTraining(cfg_of("post.method=meanflow", "network.use_r=true", "network.num_classes=3",
+                                "post.cfg_scale=2.0"))
+    null = 3
+    model = lambda z, r, t, labels: torch.where((labels == null).view(-1, 1, 1, 1), 0.5 * z, 3.0 * z)
+    x0, eps = torch.zeros(2, 1, 1, 1), torch.ones(2, 1, 1, 1)
+    r, t = torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0])
+    loss = stage.meanflow_loss(model, x0, eps, r, t, torch.tensor([0, null]))
+    # Conditional: z = v = 1, ṽ = 2·1 − 0.5 = 1.5, u = 3, du/dt = 3·1.5, u_tgt = 1.5 − 4.5 = −3, err = 36.
+    # Dropped: ṽ = v = 1, u = 0.5, du/dt = 0.5, u_tgt = 0.5, err = 0.
+    torch.testing.assert_close(loss, torch.tensor([36 / 36.001, 0.0]))
+    assert stage.counters["student_fwd_nograd"] == 1
+    # With ω = 1 the same call is the unguided loss: u_tgt = 1 − 3 = −2, err = (3 + 2)² = 25.
+    plain = PostTraining(cfg_of("post.method=meanflow", "network.use_r=true", "network.num_classes=3"))
+    torch.testing.assert_close(plain.meanflow_loss(model, x0, eps, r, t, torch.tensor([0, null]))[0],
+                               torch.tensor(25 / 25.001))
+
+
+def test_label_dropout():
+    from engine.guidance import drop_labels
+    labels = torch.arange(10).remainder(3)
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    assert drop_labels(labels, 0.0, 3, g) is labels
+    assert torch.equal(g.get_state(), before), "p = 0 must not draw (it would shift every later random number)"
+    out = drop_labels(labels.repeat(100), 0.25, 3, g)
+    kept = out != 3
+    assert torch.equal(out[kept], labels.repeat(100)[kept])
+    assert 0.2 < (~kept).float().mean().item() < 0.3
+    with pytest.raises(ValueError, match="class-conditional"):
+        PostTraining(cfg_of("post.method=meanflow", "network.use_r=true", "post.label_dropout=0.1"))
+    with pytest.raises(NotImplementedError, match="post.method=meanflow"):
+        PostTraining(cfg_of("post.cfg_scale=2.0", "network.num_classes=3"))
+    from engine.stages.pre import PreTraining
+    with pytest.raises(ValueError, match="pre.label_dropout"):
+        PreTraining(load_config(None, [*TINY_UNET, "pre.label_dropout=0.1"]))
+    stage = PreTraining(load_config(None, [*TINY_UNET, "pre.label_dropout=0.5", "network.num_classes=3"]))
+    seen = []
+    stage.model = lambda x, sigma, labels: seen.append(labels) or x
+    stage.loss(stage.model, {"images": torch.zeros(64, 1, 8, 8), "labels": torch.zeros(64, dtype=torch.long)},
+               torch.Generator().manual_seed(0))
+    assert 10 < int((seen[0] == 3).sum()) < 54 and set(seen[0].tolist()) == {0, 3}
+
+
 def test_meanflow_needs_use_r():
     with pytest.raises(ValueError, match="network.use_r=true"):
         PostTraining(cfg_of("post.method=meanflow"))

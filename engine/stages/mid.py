@@ -24,6 +24,7 @@ import torch
 from engine.build import build_raw_network, load_export, model_kind, transfer_weights, wrap_network
 from engine.config import Config, ConfigError
 from engine.grids import edm_lambda_uniform_sigmas, fm_uniform_times
+from engine.guidance import guided
 from engine.perceptual import build_distance
 from engine.rollout import (CallCounter, TrajectoryPairs, consistency_pairs, kd_pairs, meanflow_pairs,
                             meanflow_pairs_per_trajectory, slow_cmt_pairs, trajectories_for_pairs)
@@ -97,7 +98,7 @@ class MidTraining:
         null = torch.full_like(labels, self.teacher_cfg.network.num_classes)
         out = self._net_counter(torch.cat([x, x]), *(torch.cat([t, t]) for t in times), torch.cat([labels, null]))
         cond, uncond = out.chunk(2)
-        return uncond + scale * (cond - uncond)
+        return guided(cond, uncond, scale)
 
     def _place(self, device: torch.device) -> None:
         if next(self.teacher.parameters()).device != device:

@@ -44,6 +44,7 @@ from engine.build import build_raw_network, load_export, model_kind, transfer_we
 from engine.config import Config
 from engine.edm import sample_edm_sigma
 from engine.flow import expand_like, fm_interpolate, fm_velocity_target, sample_meanflow_times
+from engine.guidance import check_label_dropout, drop_labels, guided
 from engine.perceptual import build_distance
 from engine.solvers import edm_euler, edm_heun
 
@@ -80,10 +81,16 @@ class PostTraining:
         self.cfg = cfg
         p = cfg.post
         self.method = p.method
-        if p.cfg_scale != 1.0:
-            raise NotImplementedError(f"post.cfg_scale={p.cfg_scale}: guided post-training is not implemented; "
-                                      "use post.cfg_scale=1.0")
+        if p.cfg_scale != 1.0 and self.method != "meanflow":
+            raise NotImplementedError(f"post.cfg_scale={p.cfg_scale}: guidance is trained in only for "
+                                      "post.method=meanflow (ECT/ECD are unguided, SPEC §4); use post.cfg_scale=1.0")
+        if self.method != "meanflow" and p.label_dropout:
+            raise ValueError(f"post.label_dropout={p.label_dropout} applies to post.method=meanflow only")
         if self.method == "meanflow":
+            check_label_dropout(p.label_dropout, cfg.network.num_classes, "post.label_dropout")
+            if p.cfg_scale != 1.0 and cfg.network.num_classes == 0:
+                raise ValueError(f"post.cfg_scale={p.cfg_scale} needs a class-conditional network: "
+                                 "set network.num_classes or post.cfg_scale=1")
             if not cfg.network.use_r:
                 raise ValueError("post.method=meanflow trains u(z, r, t), which needs a second time input: "
                                  "set network.use_r=true")
@@ -154,6 +161,7 @@ class PostTraining:
             r, t = sample_meanflow_times(x0.shape[0], p.mf_P_mean, p.mf_P_std, p.mf_equal_fraction,
                                          generator=generator, device=x0.device)
             eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            labels = drop_labels(labels, p.label_dropout, self.cfg.network.num_classes, generator)
             return self.meanflow_loss(model, x0, eps, r, t, labels).mean()
         t, r = self.sample_times(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
@@ -214,10 +222,25 @@ class PostTraining:
         """u_tgt = sg(v − (t − r)·du/dt): the MeanFlow identity u = v − (t − r)·du/dt."""
         return (v - expand_like(t - r, v).to(dudt.dtype) * dudt).detach()
 
+    def guided_velocity(self, model, z_t, v, t, labels) -> torch.Tensor:
+        """MeanFlow's guided field (its Eq. 13, κ = 0): ṽ = ω·v + (1 − ω)·sg u(z_t, t, t | ∅).
+
+        The network's own unconditional instantaneous velocity stands in for the unconditional teacher, so
+        u learns the guided flow and is sampled as is. Samples whose label was dropped keep ṽ = v.
+        """
+        null = self.cfg.network.num_classes
+        with torch.no_grad():
+            uncond = model(z_t, t, t, torch.full_like(labels, null))
+            self.counters["student_fwd_nograd"] += 1
+        out = guided(v, uncond.to(v.dtype), self.cfg.post.cfg_scale)
+        return torch.where(expand_like(labels == null, v), v, out)
+
     def meanflow_loss(self, model, x0, eps, r, t, labels=None) -> torch.Tensor:
         """Per-sample sg(w)·‖u − u_tgt‖², w = 1/(‖u − u_tgt‖² + c)^p (SPEC §6)."""
         p = self.cfg.post
         z_t, v = fm_interpolate(x0, eps, t), fm_velocity_target(x0, eps)
+        if p.cfg_scale != 1.0 and labels is not None:
+            v = self.guided_velocity(model, z_t, v, t, labels)
         u, dudt = self.meanflow_jvp(model, z_t, v, r, t, labels)
         err = (u - self.meanflow_target(dudt, v, r, t)).flatten(1).square().sum(dim=1)
         w = 1.0 / (err.detach() + p.mf_adaptive_c) ** p.mf_adaptive_p

@@ -7,16 +7,19 @@ from engine.build import build_raw_network, wrap_network
 from engine.config import Config
 from engine.edm import edm_loss_weight, sample_edm_sigma
 from engine.flow import fm_interpolate, fm_velocity_target, sample_logit_normal
+from engine.guidance import check_label_dropout, drop_labels
 
 
 class PreTraining:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.model = wrap_network(build_raw_network(cfg), cfg, cfg.model.kind)
+        check_label_dropout(cfg.pre.label_dropout, cfg.network.num_classes, "pre.label_dropout")
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> torch.Tensor:
         x0 = batch["images"]
-        labels = batch.get("labels")
+        labels = drop_labels(batch.get("labels"), self.cfg.pre.label_dropout, self.cfg.network.num_classes,
+                             generator)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         if self.cfg.model.kind == "edm":
             # EDM: lambda(sigma) * ||D(x0 + sigma*eps; sigma) - x0||^2, ln sigma ~ N(P_mean, P_std^2).
