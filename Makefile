@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: setup demo claims test test-slow bench clean
+.PHONY: setup demo claims claims-meanflow test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ claims: setup
 	test -f $(RUN)/pre/export/network.safetensors || $(PY) engine/train.py --stage pre --config configs/digits.yaml --run-dir $(RUN)/pre
 	$(PY) -m benchmarks.claims --teacher $(RUN)/pre --out benchmarks/results/claims
 
+# The MeanFlow counterpart: a flow-matching teacher (trained here if absent), MeanFlow-CMT, and MeanFlow
+# post-training from CMT / teacher / random init.
+claims-meanflow: setup
+	test -f $(RUN)/fm-pre/export/network.safetensors || $(PY) engine/train.py --stage pre --config configs/digits_fm.yaml --run-dir $(RUN)/fm-pre
+	$(PY) -m benchmarks.claims --form meanflow --teacher $(RUN)/fm-pre --out benchmarks/results/claims_meanflow
+
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
@@ -36,8 +42,15 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
 
+# The benchmarks page (benchmarks/results/README.md): cost per pair, per-stage profiles, kernel counts.
+# Triton kernels run (and are counted) through the interpreter on CPU machines.
+BENCH := benchmarks/results
 bench: setup
-	@echo "make bench: no benchmarks yet (they arrive with issues #4, #5, #8)" >&2; exit 2
+	rm -f $(BENCH)/profile.csv
+	$(PY) -m benchmarks.cost_per_pair --out $(BENCH)/cost_per_pair
+	$(PY) -m benchmarks.profile --stage pre --config configs/digits.yaml --csv $(BENCH)/profile.csv
+	$(PY) -m benchmarks.profile --stage post --config configs/digits_meanflow.yaml --set post.init=random --csv $(BENCH)/profile.csv
+	$(PY) -m benchmarks.report --results $(BENCH)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
