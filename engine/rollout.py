@@ -160,13 +160,15 @@ def consistency_pairs(teacher: Callable, num_trajectories: int, shape, sigmas: t
     fn, counter, (calls0, nfe0) = _teacher_and_counter(teacher, counter)
     n = sigmas.shape[0] - 1
     x_T = _start(x0, num_trajectories, shape, float(sigmas[0]), generator, device, dtype)
-    states = dpm_solver_pp(_bind(fn, labels), x_T, sigmas, order=order)
-    inputs = torch.stack(states[:n], dim=1)                          # [T, N, C, H, W], σ_max first
     T = num_trajectories
+    # The pair inputs, trajectory-major [T, N, C, H, W], σ_max first: the solver writes state m straight into
+    # inputs[:, m] (a strided slot of this buffer), so the trajectory is never stacked or copied afterwards.
+    inputs = torch.empty((T, n, *x_T.shape[1:]), dtype=x_T.dtype, device=x_T.device)
+    states = dpm_solver_pp(_bind(fn, labels), x_T, sigmas, order=order, out=inputs.transpose(0, 1))
     dev = x_T.device
     grid_index = torch.arange(n, device=dev).repeat(T)              # position in the grid, 0 = x_T
     return TrajectoryPairs(
-        x=inputs.reshape(T * n, *x_T.shape[1:]),
+        x=inputs.view(T * n, *x_T.shape[1:]),
         t=sigmas[:n].to(device=dev, dtype=torch.float32).repeat(T),
         target=states[n].repeat_interleave(n, dim=0),
         level=n - grid_index,

@@ -10,10 +10,13 @@ States keep ``x_start``'s dtype; each update is accumulated in at least float32 
 upcast) and cast back, so a bf16 rollout does not also lose the arithmetic of the step.
 """
 
+from typing import Optional
+
 import torch
 
 from engine.edm import pf_ode_drift
 from engine.flow import expand_like, meanflow_step
+from kernels.dpm_solver_step import dpm_solver_pp_step
 
 
 def _accum_dtype(x: torch.Tensor) -> torch.dtype:
@@ -77,43 +80,52 @@ def dpm_solver_pp_coefficients(t, s0, s1=None, s2=None, *, order: int):
     return tuple(float(c) for c in coeffs) if as_floats else coeffs
 
 
-def dpm_solver_pp_update(x: torch.Tensor, D0: torch.Tensor, D1, D2, coeffs) -> torch.Tensor:
+def dpm_solver_pp_update(x: torch.Tensor, D0: torch.Tensor, D1, D2, coeffs, *, out=None, slot=None) -> torch.Tensor:
     """a·x + b0·D0 + b1·D1 + b2·D2, accumulated in float32 (float64 for float64 x), returned in x.dtype.
 
     D1/D2 may be None for lower orders (their coefficients are 0). Coefficients are floats or [B] tensors.
+    The one implementation is ``kernels.dpm_solver_step.dpm_solver_pp_step`` (the fused Triton kernel on
+    CUDA, its PyTorch reference otherwise, per ``kernels.dispatch``); ``out``/``slot`` are its destinations.
     """
-    a, b0, b1, b2 = (_per_sample(c, x) for c in coeffs)
-    dtype = _accum_dtype(x)
-    out = a * x.to(dtype) + b0 * D0.to(dtype)
-    if D1 is not None:
-        out = out + b1 * D1.to(dtype)
-    if D2 is not None:
-        out = out + b2 * D2.to(dtype)
-    return out.to(x.dtype)
+    return dpm_solver_pp_step(x, D0, D1, D2, coeffs=coeffs, out=out, slot=slot)
 
 
 def dpm_solver_pp(denoise, x_T: torch.Tensor, sigmas: torch.Tensor, order: int = 3,
-                  lower_order_final: bool = True) -> list:
+                  lower_order_final: bool = True, out: Optional[torch.Tensor] = None) -> list:
     """Multistep DPM-Solver++ (data prediction) for an EDM teacher ``denoise(x, sigma[B])``; N calls.
 
     Step orders warm up as [1, 2, 3, 3, …] (the history of past outputs is short at the start) and, with
     ``lower_order_final``, wind down symmetrically to […, 3, 2, 1], which keeps few-step solves stable.
     A step onto σ = 0 is always first order (λ = +∞ there); it returns the denoiser output.
+
+    ``out``: a preallocated trajectory buffer [N+1, B, ...] (or [N, B, ...] to leave the end state out),
+    any batch stride, each sample contiguous — e.g. a transposed view of a trajectory-major pair buffer.
+    State i lands in ``out[i]``: x_T by one copy (skipped when x_T already is ``out[0]``), every later state
+    by the fused step's second store, so the trajectory is never stacked afterwards. The returned list then
+    holds those slots (and the end state as its own tensor when ``out`` has N slots); the solver itself keeps
+    only the running state and the denoiser history.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
     num_steps = sigmas.shape[0] - 1
+    if out is not None:
+        if out.shape[0] not in (num_steps, num_steps + 1) or out.shape[1:] != x_T.shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}; expected [{num_steps + 1} or {num_steps}, "
+                             f"{', '.join(map(str, x_T.shape))}] for {num_steps} steps from x_T")
+        if (out[0].data_ptr(), out[0].stride()) != (x_T.data_ptr(), x_T.stride()):
+            out[0].copy_(x_T)
     to_zero = _steps_to_zero(sigmas)
     grid = sigmas.tolist() if sigmas.ndim == 1 else sigmas.to(torch.float64)
-    x, states, history = x_T, [x_T], []
+    x, states, history = x_T, [x_T if out is None else out[0]], []
     for i in range(num_steps):
         history = [denoise(x, _model_times(sigmas[i], x))] + history[:order - 1]
         step_order = 1 if to_zero[i] else min(order, i + 1, num_steps - i if lower_order_final else order)
         past = [grid[i - k] for k in range(1, step_order)]
         coeffs = dpm_solver_pp_coefficients(grid[i + 1], grid[i], *past, order=step_order)
         outputs = history[:step_order] + [None] * (3 - step_order)
-        x = dpm_solver_pp_update(x, *outputs, coeffs)
-        states.append(x)
+        slot = out[i + 1] if out is not None and i + 1 < out.shape[0] else None
+        x = dpm_solver_pp_update(x, *outputs, coeffs, slot=slot)
+        states.append(x if slot is None else slot)
     return states
 
 
