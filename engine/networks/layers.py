@@ -6,6 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kernels import dispatch
+from kernels.jvp_attention import attention_impl, jvp_attention
+
 try:  # optional: flash-attn is a CUDA-only build
     from flash_attn import flash_attn_func as _flash_attn_func
 except ImportError:
@@ -21,10 +24,19 @@ def _forward_ad_active(*tensors) -> bool:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/√d)·v for [B, heads, N, d] tensors.
 
-    The fused CPU SDPA and flash kernels have no forward-mode AD, so under ``torch.func.jvp`` the math
-    backend is forced; otherwise flash-attn is used on CUDA half precision when installed.
+    ``kernels.dispatch`` op ``attention`` chooses. ``triton`` runs the flash-style kernels of
+    ``kernels.jvp_attention``, which have a forward-mode (``torch.func.jvp``) and a backward rule and never
+    materialise the [N, N] matrix. ``auto`` takes them on CUDA only under forward-mode AD (MeanFlow's jvp),
+    for inputs they take (fp32/fp16/bf16, head dim ≤ 128): everywhere else the tuned SDPA / flash-attn
+    kernels are faster and need no forward-mode rule. On the ``torch`` path the fused SDPA and flash-attn
+    kernels have no forward-mode AD, so under jvp the math SDPA backend is forced; otherwise flash-attn is
+    used on CUDA half precision when installed, SDPA's own choice elsewhere.
     """
-    if _forward_ad_active(q, k, v):
+    forward_ad = _forward_ad_active(q, k, v)
+    if attention_impl(q, k, v) == "triton" and (forward_ad or dispatch.policy("attention") == "triton"):
+        return jvp_attention(q, k, v)   # records "triton"
+    dispatch.record("attention", "torch")
+    if forward_ad:
         with sdpa_kernel([SDPBackend.MATH]):
             return F.scaled_dot_product_attention(q, k, v)
     if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
