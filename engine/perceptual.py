@@ -1,12 +1,15 @@
 """Perceptual distances (SPEC §7): one feature-distance mechanism behind every perceptual loss.
 
-- :func:`feature_distance` — the single pure-PyTorch reference of the per-tap distance (a fused C++/CUDA
-  op will replace it and be tested against it): unit-normalise each feature map over channels, squared
+- :func:`feature_distance` — the per-tap distance, ``kernels.feature_distance`` (a fused C++/CUDA op with the
+  one pure-PyTorch reference formula beside it): unit-normalise each feature map over channels, squared
   difference, optional non-negative per-channel weights (LPIPS heads) else a plain channel sum, spatial
   mean, giving one number per sample.
 - :class:`GNVGG` — a VGG16-style net with GroupNorm (the ELatentLPIPS feature net), width/depth scalable so a
   tiny version fits 16×16×1 digits; taps after 5 slices.
-- :func:`train_feature_classifier` — trains a GNVGG as a classifier (SPEC §7 recipe), deterministically.
+- :class:`LPIPSVGG16` — torchvision's VGG16 conv trunk (weights from a local file) tapped at relu1_2 … relu5_3
+  behind LPIPS's input scaling; with the heads the ``lpips`` package ships it is LPIPS(vgg, v0.1).
+- :func:`train_feature_classifier` — trains a GNVGG as a classifier (SPEC §7 recipe), deterministically;
+  ``python -m engine.train_feature_net`` is its command line.
 - :class:`PerceptualDistance` — d(x, y) per sample = Σ_taps feature_distance, optionally under the same
   random flip/translation of both inputs (the "E" of ELatentLPIPS).
 - :func:`build_distance` — ``l2 | feature | lpips | elatentlpips`` by name.
@@ -17,8 +20,10 @@ different network (GN-VGG, SGD recipe) from the evaluator's CNN, so the loss is 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -31,34 +36,19 @@ from torch import nn
 
 from engine.config import ConfigError
 from engine.features import _save_atomically, default_cache_dir
+from kernels.feature_distance import feature_distance, unit_normalize
+
+__all__ = ["feature_distance", "unit_normalize", "GNVGG", "LPIPSVGG16", "PerceptualDistance", "L2Distance",
+           "augment_pair", "build_distance", "load_feature_net", "save_feature_net", "train_feature_classifier",
+           "get_digits_feature_net", "load_lpips_vgg16", "lpips_heads"]
 
 # VGG16 with the ELatentLPIPS pooling (SPEC §7): 13 convs, pools only before slices 4 and 5.
 VGG16_GN_CFG = (64, 64, 128, 128, 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 # The five slices, tapped at their last ReLU (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).
 VGG16_SLICES = ((64, 64), (128, 128), (256, 256, 256), ("M", 512, 512, 512), ("M", 512, 512, 512))
 
-
-# --------------------------------------------------------------------------------------------------
-# The distance
-# --------------------------------------------------------------------------------------------------
-def unit_normalize(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """f / (‖f‖₂ over channels + eps) at every position. (vector_norm's gradient is 0, not NaN, at 0.)"""
-    return f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + eps)
-
-
-def feature_distance(f0: torch.Tensor, f1: torch.Tensor, weights: Optional[torch.Tensor] = None,
-                     eps: float = 1e-10) -> torch.Tensor:
-    """Per-sample distance [B] between two feature maps [B, C, H, W] of one tap.
-
-    mean_{h,w} Σ_c w_c·(f̂0 − f̂1)²_{c,h,w}, with f̂ unit-normalised over channels and w_c = 1 when
-    ``weights`` is None (ELatentLPIPS) or the non-negative LPIPS head (C values, any shape) otherwise.
-    """
-    if f0.shape != f1.shape or f0.ndim != 4:
-        raise ValueError(f"feature maps must share one [B, C, H, W] shape, got {tuple(f0.shape)} and {tuple(f1.shape)}")
-    d = (unit_normalize(f0, eps) - unit_normalize(f1, eps)).square()
-    if weights is not None:
-        d = d * weights.reshape(1, -1, 1, 1).to(d.dtype)
-    return d.sum(dim=1).mean(dim=(1, 2))
+TRAIN_HINT = ("train one with `python -m engine.train_feature_net --data LATENTS.npy --labels LABELS.npy "
+              "--out FILE.safetensors` (or `--data digits`)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +135,12 @@ def _gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Te
 
 def augment_pair(x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None,
                  max_shift_fraction: float = 0.125, flip: bool = True):
-    """The same random x-flip and translation (up to ±fraction·size, edges replicated) applied to x and y."""
+    """The same random x-flip and translation (up to ±fraction·size, edges replicated) applied to x and y.
+
+    This is the ensembling of ELatentLPIPS: SPEC §7 asks for "the same random augmentation" on both inputs
+    without naming it; flips and integer translations are the geometric part of the published E-LatentLPIPS
+    ensemble. Its other augmentations (scaling, rotation, colour, cutout) are not implemented here.
+    """
     B, _, H, W = x.shape
     max_shift = int(max_shift_fraction * min(H, W))
     rows, cols = _random_flip_translate(B, H, W, max_shift, flip, generator, x.device)
@@ -211,7 +206,7 @@ def load_feature_net(path: str | Path) -> GNVGG:
     """A GNVGG written by :func:`save_feature_net`, frozen and in eval mode."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"feature-net weights '{path}' do not exist")
+        raise FileNotFoundError(f"feature-net weights '{path}' do not exist: {TRAIN_HINT}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -221,8 +216,82 @@ def load_feature_net(path: str | Path) -> GNVGG:
         net.train_seconds = float(metadata.get("train_seconds", "nan"))
     except (OSError, RuntimeError, KeyError, ValueError, SafetensorError) as error:
         raise ValueError(f"'{path}' is not a GN-VGG feature net written by engine.perceptual.save_feature_net "
-                         f"({error})") from None
+                         f"({error}); {TRAIN_HINT}") from None
     return net.eval().requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# LPIPS on pixels: torchvision's VGG16 trunk from a local file + the lpips package's linear heads
+# --------------------------------------------------------------------------------------------------
+# Index after the last ReLU of each LPIPS tap in torchvision's vgg16().features.
+LPIPS_VGG16_TAP_ENDS = (4, 9, 16, 23, 30)
+LPIPS_VGG16_TAP_CHANNELS = (64, 128, 256, 512, 512)
+VGG16_HINT = ("point it at torchvision's ImageNet VGG16 weights (vgg16-397923af.pth: a state dict with "
+              "features.N.weight/bias keys, or the features' own N.weight/bias keys; .pth or .safetensors), "
+              "downloaded on a machine with network access and copied here")
+
+
+def load_lpips_vgg16(path: str | Path) -> nn.Sequential:
+    """The conv trunk of torchvision's VGG16 up to relu5_3 (no classifier is built), weights from ``path``."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VGG16 weights '{path}' do not exist: {VGG16_HINT}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+        if any(k.startswith("features.") for k in state):
+            state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        trunk = make_layers(cfgs["D"])[:LPIPS_VGG16_TAP_ENDS[-1]]
+        trunk.load_state_dict(state)
+    except (OSError, RuntimeError, ValueError, SafetensorError, EOFError, TypeError,
+            pickle.UnpicklingError) as error:
+        # torch.load's unpickling errors are pages long and suggest weights_only=False: name the type only
+        reason = "not a torch checkpoint" if isinstance(error, pickle.UnpicklingError) else str(error).splitlines()[0]
+        raise ValueError(f"'{path}' is not a VGG16 weights file ({reason}): {VGG16_HINT}") from None
+    return trunk
+
+
+def lpips_heads() -> list[torch.Tensor]:
+    """The five non-negative per-channel heads of LPIPS(vgg, v0.1), read from the installed lpips package."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or spec.origin is None:
+        raise ConfigError("loss 'lpips' takes its linear heads from the lpips package: pip install lpips==0.1.4")
+    path = Path(spec.origin).parent / "weights" / "v0.1" / "vgg.pth"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return [state[f"lin{k}.model.1.weight"].reshape(-1) for k in range(len(LPIPS_VGG16_TAP_ENDS))]
+
+
+class LPIPSVGG16(nn.Module):
+    """VGG16 features at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of pixels in [-1, 1], after LPIPS's
+    ScalingLayer ((x − shift)/scale per RGB channel). One-channel (grey) images are repeated to RGB."""
+
+    SHIFT = (-0.030, -0.088, -0.188)
+    SCALE = (0.458, 0.448, 0.450)
+
+    def __init__(self, trunk: nn.Sequential, in_channels: int = 3):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ConfigError(f"loss 'lpips' runs VGG16 on RGB (or grey) pixels, the data has {in_channels} channels")
+        self.arch = {"in_channels": in_channels}
+        bounds = (0,) + LPIPS_VGG16_TAP_ENDS
+        self.slices = nn.ModuleList(trunk[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+        self.tap_channels = list(LPIPS_VGG16_TAP_CHANNELS)
+        self.register_buffer("shift", torch.tensor(self.SHIFT).reshape(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(self.SCALE).reshape(1, 3, 1, 1))
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x.expand(-1, 3, -1, -1) - self.shift) / self.scale
+        out = []
+        for s in self.slices:
+            x = s(x)
+            out.append(x)
+        return out
 
 
 # The digits feature net: everything that changes its weights; the hash names the cache file.
@@ -337,20 +406,28 @@ def build_distance(kind: str, *, channels: int, resolution: int, feature_net: Op
     - ``l2``: mean squared error per sample.
     - ``feature``: the digits GN-VGG (trained once and cached; ``feature_net`` overrides it with a file
       from :func:`save_feature_net`), no learned heads, no augmentation.
-    - ``elatentlpips``: a GN-VGG trained on the latents (:func:`train_feature_classifier` +
-      :func:`save_feature_net`), no heads, the same random flip/translation on both inputs.
-    - ``lpips``: VGG16 on pixels with the lpips heads — issue #5.
+    - ``elatentlpips``: a GN-VGG trained on the latents (``python -m engine.train_feature_net``), no heads,
+      the same random flip/translation on both inputs.
+    - ``lpips``: VGG16 on pixels in [-1, 1] (``feature_net`` = torchvision's VGG16 weights) with the lpips
+      package's v0.1 heads; grey images are repeated to RGB; needs ≥16 px (relu5_3 is at 1/16 resolution).
+    All per-tap distances go through the fused ``kernels.feature_distance`` op.
     """
     if kind == "l2":
         return L2Distance()
+    if kind not in DISTANCES:
+        raise ValueError(f"unknown distance '{kind}': choose one of {', '.join(DISTANCES)}")
     if kind in ("lpips", "elatentlpips") and not feature_net:
         raise ConfigError(f"loss '{kind}' needs a local weights file: set {config_key} to its path "
                           "(nothing can be downloaded at run time)")
     if feature_net and not Path(feature_net).is_file():
-        raise FileNotFoundError(f"{config_key}='{feature_net}' does not exist: point it at a local weights file")
+        what = VGG16_HINT if kind == "lpips" else TRAIN_HINT
+        raise FileNotFoundError(f"{config_key}='{feature_net}' does not exist: {what}")
     if kind == "lpips":
-        raise NotImplementedError("loss 'lpips' (VGG16 on pixels with the lpips package's heads) arrives with "
-                                  "issue #5: use loss 'feature' (digits) or 'l2' until then")
+        if resolution < 16:
+            raise ConfigError(f"loss 'lpips' needs images of at least 16x16 (VGG16 pools 4 times before relu5_3), "
+                              f"got {resolution}: use loss 'feature' or 'elatentlpips' for small images")
+        net = LPIPSVGG16(load_lpips_vgg16(feature_net), in_channels=channels)
+        return PerceptualDistance(net, weights=lpips_heads())
     if kind == "feature":
         if feature_net:
             net = load_feature_net(feature_net)
@@ -359,13 +436,9 @@ def build_distance(kind: str, *, channels: int, resolution: int, feature_net: Op
                               f"data has {channels} channels: set {config_key} to a GN-VGG trained on your data")
         else:
             net = get_digits_feature_net(resolution, cache_dir)
-        augment = False
-    elif kind == "elatentlpips":
-        net = load_feature_net(feature_net)
-        augment = True
     else:
-        raise ValueError(f"unknown distance '{kind}': choose one of {', '.join(DISTANCES)}")
+        net = load_feature_net(feature_net)
     if net.arch["in_channels"] != channels:
         raise ConfigError(f"{config_key}='{feature_net}' takes {net.arch['in_channels']}-channel inputs, "
                           f"the data has {channels}")
-    return PerceptualDistance(net, augment=augment)
+    return PerceptualDistance(net, augment=kind == "elatentlpips")

@@ -5,7 +5,7 @@ import torch
 import engine.perceptual as perceptual
 from engine.config import ConfigError
 from engine.features import cache_path as evaluator_cache_path
-from engine.perceptual import (GNVGG, L2Distance, PerceptualDistance, augment_pair, build_distance,
+from engine.perceptual import (GNVGG, L2Distance, LPIPSVGG16, PerceptualDistance, augment_pair, build_distance,
                                feature_distance, get_digits_feature_net, load_feature_net, save_feature_net,
                                train_feature_classifier)
 
@@ -42,6 +42,19 @@ def test_feature_distance_matches_a_naive_loop_on_odd_noncontiguous_input():
     assert feature_distance(f0, f0).abs().max() == 0
     with pytest.raises(ValueError, match="share one"):
         feature_distance(f0, f1[:, :4])
+
+
+def test_the_engine_distance_is_the_dispatched_kernels_op():
+    """One reference formula: engine.perceptual re-exports kernels.feature_distance, which runs the fused
+    CPU op on CPU tensors when the extension is built."""
+    import kernels.feature_distance as fd
+    from kernels import dispatch
+
+    assert feature_distance is fd.feature_distance and perceptual.unit_normalize is fd.unit_normalize
+    f0, f1 = torch.randn(2, 5, 3, 3), torch.randn(2, 5, 3, 3)
+    torch.testing.assert_close(feature_distance(f0, f1), fd.reference(f0, f1))
+    expected = "cpp" if fd.unavailable_reason("cpp") is None else "torch"
+    assert dispatch.last_implementation("feature_distance") == expected
 
 
 def test_feature_distance_gradients_float64():
@@ -169,9 +182,9 @@ def test_build_distance_kinds_and_errors(tmp_path):
         build_distance("lpips", channels=3, resolution=8)
     with pytest.raises(FileNotFoundError, match="mid.feature_net"):
         build_distance("elatentlpips", channels=4, resolution=8, feature_net=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(FileNotFoundError, match="engine.train_feature_net"):
+        load_feature_net(tmp_path / "missing.safetensors")
     path = save_feature_net(_tiny_net(channels=4), tmp_path / "latent_vgg.safetensors")
-    with pytest.raises(NotImplementedError, match="issue #5"):
-        build_distance("lpips", channels=3, resolution=8, feature_net=str(path))
     e = build_distance("elatentlpips", channels=4, resolution=8, feature_net=str(path))
     assert isinstance(e, PerceptualDistance) and e.augment
     loaded = load_feature_net(path)
@@ -181,7 +194,7 @@ def test_build_distance_kinds_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="digits GN-VGG"):
         build_distance("feature", channels=3, resolution=8)
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
-    with pytest.raises(ValueError, match="not a GN-VGG"):
+    with pytest.raises(ValueError, match="not a GN-VGG.*engine.train_feature_net"):
         load_feature_net(tmp_path / "junk.safetensors")
 
 
@@ -203,3 +216,121 @@ def test_digits_feature_net_is_trained_once_cached_and_not_the_evaluator(tmp_pat
     d = build_distance("feature", channels=1, resolution=8, cache_dir=tmp_path)
     assert isinstance(d, PerceptualDistance) and d.net is again and not d.augment
 
+
+
+# --------------------------------------------------------------------------------------------------
+# LPIPS, ELatentLPIPS and the feature-net command (issue #5)
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lpips_oracle(tmp_path_factory):
+    """lpips.LPIPS with a random VGG16 backbone and the real heads, and that backbone saved in torchvision's
+    vgg16 state-dict format (features.N.*), as a real VGG16 weights file would be."""
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    oracle = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False).eval()
+    state = {}
+    for k in range(1, 6):
+        for name, tensor in getattr(oracle.net, f"slice{k}").state_dict().items():
+            state[f"features.{name}"] = tensor.clone()     # lpips keeps torchvision's layer indices
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    torch.save(state, path)
+    return oracle, path
+
+
+def test_lpips_through_the_fused_op_equals_the_lpips_package(lpips_oracle, tmp_path):
+    from kernels import dispatch
+
+    oracle, path = lpips_oracle
+    d = build_distance("lpips", channels=3, resolution=32, feature_net=str(path))
+    assert isinstance(d.net, LPIPSVGG16) and d.weights == 5 and not d.augment
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(3, 3, 32, 32, generator=g) * 2 - 1, torch.rand(3, 3, 32, 32, generator=g) * 2 - 1
+    dispatch.implementations_run(reset=True)
+    with torch.no_grad():
+        ours, theirs = d(x, y), oracle(x, y).flatten()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    import kernels.feature_distance as fd
+    if fd.unavailable_reason("cpp") is None:                  # all five taps went through the fused op
+        assert dispatch.implementations_run() == {"feature_distance:cpp": 5}
+    # grey images are repeated to RGB; the same weights from a .safetensors file give the same distance
+    from safetensors.torch import save_file
+    save_file(torch.load(path, weights_only=True), tmp_path / "vgg16.safetensors")
+    grey = build_distance("lpips", channels=1, resolution=32, feature_net=str(tmp_path / "vgg16.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(grey(x[:, :1], y[:, :1]), oracle(x[:, :1].repeat(1, 3, 1, 1),
+                                                                   y[:, :1].repeat(1, 3, 1, 1)).flatten(),
+                                   rtol=1e-5, atol=1e-6)
+    # gradients reach the student's pixels
+    xg = x.clone().requires_grad_(True)
+    d(xg, y).sum().backward()
+    assert xg.grad.abs().sum() > 0
+
+
+def test_lpips_weights_errors_say_what_to_do(lpips_oracle, tmp_path):
+    _, path = lpips_oracle
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        build_distance("lpips", channels=3, resolution=32, feature_net=str(tmp_path / "none.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a VGG16 weights file.*vgg16-397923af.pth"):
+        build_distance("lpips", channels=3, resolution=32, feature_net=str(tmp_path / "junk.pth"))
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="not a VGG16 weights file"):
+        build_distance("lpips", channels=3, resolution=32, feature_net=str(tmp_path / "wrong.pth"))
+    with pytest.raises(ConfigError, match="at least 16x16"):
+        build_distance("lpips", channels=3, resolution=8, feature_net=str(path))
+    with pytest.raises(ConfigError, match="4 channels"):
+        build_distance("lpips", channels=4, resolution=32, feature_net=str(path))
+
+
+def _write_latents(tmp_path, n=64, seed=0):
+    """4-channel 8x8 'latents' of two classes (a bright left or right half), as .npy files."""
+    import numpy as np
+
+    images, labels = _toy_classification(n, seed)
+    images = images.repeat(1, 4, 1, 1)
+    np.save(tmp_path / "latents.npy", images.numpy())
+    np.save(tmp_path / "labels.npy", labels.numpy())
+    return tmp_path / "latents.npy", tmp_path / "labels.npy"
+
+
+def test_train_feature_net_command_writes_a_loadable_elatentlpips_net(tmp_path):
+    import json
+
+    from engine.train_feature_net import main
+    from kernels import dispatch
+
+    data, labels = _write_latents(tmp_path)
+    out = tmp_path / "latent_vgg.safetensors"
+    summary = main(["--data", str(data), "--labels", str(labels), "--out", str(out), "--width", "0.125",
+                    "--depth", "1", "--epochs", "3", "--batch-size", "16", "--heldout-fraction", "0.25"])
+    assert out.is_file() and json.loads(out.with_suffix(".json").read_text())["arch"]["in_channels"] == 4
+    assert summary["heldout_samples"] == 16 and summary["heldout_accuracy"] > 0.6
+    d = build_distance("elatentlpips", channels=4, resolution=8, feature_net=str(out), config_key="post.feature_net")
+    assert d.augment
+    x = torch.randn(3, 4, 8, 8)
+    y = x + 0.5 * torch.randn(3, 4, 8, 8)
+    # ELatentLPIPS: the same augmentation on both inputs (zero on identical inputs), reproducible for a seed
+    assert d(x, x, torch.Generator().manual_seed(0)).abs().max() < 1e-6
+    a, b = d(x, y, torch.Generator().manual_seed(7)), d(x, y, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and (a > 0).all()
+    assert not torch.equal(a, d(x, y, torch.Generator().manual_seed(8)))
+    import kernels.feature_distance as fd
+    assert dispatch.last_implementation("feature_distance") == ("cpp" if fd.unavailable_reason("cpp") is None else "torch")
+
+
+def test_train_feature_net_command_errors(tmp_path):
+    from engine.train_feature_net import main
+
+    data, labels = _write_latents(tmp_path, n=8)
+    out = str(tmp_path / "net.safetensors")
+    with pytest.raises(SystemExit, match="--labels LABELS.npy is required"):
+        main(["--data", str(data), "--out", out])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["--data", str(tmp_path / "none.npy"), "--labels", str(labels), "--out", out])
+    (tmp_path / "bad.npy").write_bytes(b"junk")
+    with pytest.raises(SystemExit, match="is not a .npy array"):
+        main(["--data", str(tmp_path / "bad.npy"), "--labels", str(labels), "--out", out])
+    import numpy as np
+    np.save(tmp_path / "short.npy", np.zeros(3, dtype=np.int64))
+    with pytest.raises(SystemExit, match="must be 8 non-negative integers"):
+        main(["--data", str(data), "--labels", str(tmp_path / "short.npy"), "--out", out])
