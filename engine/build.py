@@ -3,6 +3,7 @@ starting weights when a stage initialises from an exported run (:func:`load_expo
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from engine.config import Config, ConfigError
 from engine.export import load_exported
 from engine.networks import build_network
+from engine.networks.edm2 import EDM2_SIZES, EDM2UNet
 from engine.networks.layers import ConditionEmbedding
 from engine.networks.precond import ConsistencyFunction, EDMDenoiser, FlowVelocity, MeanFlowModel
 
@@ -29,9 +31,25 @@ def build_raw_network(cfg: Config) -> torch.nn.Module:
         u = net_cfg.unet
         return build_network("unet", channels=tuple(u.channels), num_blocks=u.num_blocks,
                              attn_resolutions=tuple(u.attn_resolutions), **common)
+    if net_cfg.arch == "edm2":
+        e = net_cfg.edm2
+        try:
+            return EDM2UNet(model_channels=edm2_channels(cfg), channel_mult=tuple(e.channel_mult),
+                            num_blocks=e.num_blocks, attn_resolutions=tuple(e.attn_resolutions), **common)
+        except ValueError as exc:
+            raise ConfigError(f"network.edm2: {exc}") from None
     d = net_cfg.dit
     return build_network("dit", patch_size=d.patch_size, hidden_size=d.hidden_size, depth=d.depth,
                          num_heads=d.num_heads, mlp_ratio=d.mlp_ratio, **common)
+
+
+def edm2_channels(cfg: Config) -> int:
+    """network.edm2's model channels: the size preset's (EDM2 Table 2) or model_channels, exactly one given."""
+    e = cfg.network.edm2
+    if (e.size is None) == (e.model_channels is None):
+        raise ConfigError("set exactly one of network.edm2.size (xs, s, m, l, xl, xxl) and network.edm2.model_channels "
+                          f"(got size={e.size!r}, model_channels={e.model_channels!r})")
+    return EDM2_SIZES[e.size] if e.size is not None else e.model_channels
 
 
 def model_kind(cfg: Config, stage: str) -> str:
@@ -72,7 +90,10 @@ def load_export(path, config_key: str) -> tuple[Config, torch.nn.Module, dict]:
 def arch_signature(cfg: Config) -> dict:
     """What fixes a raw network's parameter shapes, apart from use_r (handled by transfer_weights)."""
     n = cfg.network
-    return {"network.arch": n.arch, f"network.{n.arch}": getattr(n, n.arch), "network.num_classes": n.num_classes,
+    sub = getattr(n, n.arch)
+    if n.arch == "edm2":   # a size preset and its channel count are the same architecture
+        sub = dataclasses.replace(sub, size=None, model_channels=edm2_channels(cfg))
+    return {"network.arch": n.arch, f"network.{n.arch}": sub, "network.num_classes": n.num_classes,
             "data.resolution": cfg.data.resolution, "data.channels": cfg.data.channels}
 
 

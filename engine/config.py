@@ -52,13 +52,25 @@ class DiTConfig:
 
 
 @dataclass
+class EDM2Config:
+    """The EDM2 magnitude-preserving U-Net (engine/networks/edm2.py): a published size preset, or
+    model_channels for a custom width (set exactly one of the two)."""
+    size: Optional[Literal["xs", "s", "m", "l", "xl", "xxl"]] = None   # 128/192/256/320/384/448 channels
+    model_channels: Optional[int] = None
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    num_blocks: int = 3
+    attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+
+
+@dataclass
 class NetworkConfig:
-    arch: Literal["unet", "dit"] = "unet"
+    arch: Literal["unet", "dit", "edm2"] = "unet"
     dropout: float = 0.0
     num_classes: int = 0
     use_r: bool = False   # second time input, for MeanFlow's u(z, r, t)
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
+    edm2: EDM2Config = field(default_factory=EDM2Config)
 
 
 @dataclass
@@ -96,6 +108,10 @@ class MidConfig:
     loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
     feature_net: Optional[str] = None    # weights of the perceptual network for lpips / elatentlpips
     cfg_scale: float = 1.0               # must match across the three stages (SPEC §5)
+    pipeline: Literal["serial", "thread"] = "serial"   # thread: roll the teacher out ahead of the student
+                                         # (engine/pipeline.py); same pairs and losses as serial. Not "off":
+                                         # YAML reads a bare off as false
+    pipeline_depth: int = 2              # micro-batches of pairs the producer may hold ready (>= 1)
 
 
 @dataclass
