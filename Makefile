@@ -5,19 +5,26 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN ?= runs/demo
 export DS_ACCELERATOR ?= cpu
+export MAX_JOBS ?= 2
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*)
 
 .PHONY: setup demo claims claims-meanflow test test-slow bench clean
 
 setup: $(STAMP)
 
 # torch first (pip takes the machine's cached 2.14.1 wheel), then DeepSpeed without its JIT ops,
-# then this package; finally DeepSpeed's CPU comm op is built once so the first run does not pay ~40 s.
-$(STAMP): setup.py Makefile
+# then this package, which compiles csrc/ (the C++ extension always, the CUDA one whenever nvcc is
+# found: setup.py's "cmt:" lines say what was built or skipped, and the compiler lines are kept in the
+# log); finally DeepSpeed's CPU comm op is built once so the first run does not pay ~40 s.
+$(STAMP): setup.py Makefile $(CSRC)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
-	$(PY) -m pip install --quiet --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install -v --no-build-isolation -e '.[dev]' 2>&1 | grep -E '^cmt:|nvcc|c\+\+ |[Ee]rror|Successfully installed'
+	$(PY) -c "import kernels._C, kernels._cuda; print('cmt: imported kernels._C and kernels._cuda')"
 	$(PY) -c "from engine.trainer import init_distributed; init_distributed()"
 	touch $(STAMP)
 
@@ -50,7 +57,10 @@ bench: setup
 	$(PY) -m benchmarks.cost_per_pair --out $(BENCH)/cost_per_pair
 	$(PY) -m benchmarks.profile --stage pre --config configs/digits.yaml --csv $(BENCH)/profile.csv
 	$(PY) -m benchmarks.profile --stage post --config configs/digits_meanflow.yaml --set post.init=random --csv $(BENCH)/profile.csv
+	TRITON_INTERPRET=1 $(PY) -m benchmarks.kernel_dpm_solver_step --out $(BENCH)/kernels
+	TRITON_INTERPRET=1 $(PY) -m benchmarks.kernel_jvp_attention --out $(BENCH)/kernels
+	$(PY) -m benchmarks.feature_distance --out $(BENCH)/kernels
 	$(PY) -m benchmarks.report --results $(BENCH)
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) runs build *.egg-info kernels/*.so

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("data", "teacher", "rollout_other", "student_forward", "backward", "optimizer", "ema")
 KERNEL_TABLES = (   # (file under kernels/, title, command)
-    ("dpm_solver_step.md", "Fused DPM-Solver++ step", "python -m benchmarks.kernel_dpm_solver_step"),
-    ("jvp_attention.md", "JVP attention", "python -m benchmarks.kernel_jvp_attention"),
+    ("kernel_dpm_solver_step.md", "Fused DPM-Solver++ step", "python -m benchmarks.kernel_dpm_solver_step"),
+    ("kernel_jvp_attention.md", "JVP attention", "python -m benchmarks.kernel_jvp_attention"),
     ("feature_distance.md", "Fused feature distance", "python -m benchmarks.feature_distance"),
 )
 
