@@ -1,11 +1,24 @@
 """The DeepSpeed trainer: runs any stage the same way, resumable from one place.
 
-Progress is counted in images (kimg), as in EDM. Every step's randomness (noise, dropout, augmentation,
-which images) is derived from (seed, step, rank) and the data position from the image count, so a resumed
-run needs only the checkpoint's model, optimizer, EMA, lr schedule and image count to continue exactly.
+Progress is counted in images (kimg), as in EDM.
+
+Randomness is placement-free. A step's global batch is cut into ``grad_accum × world`` chunks, micro-step m
+of rank r taking chunk c = m·world + r (the sampler draws ``batch/grad_accum`` images per micro-step and rank
+r keeps slice r). Every random draw for a chunk (noise, the teacher's rollout, dropout, augmentation) comes
+from ``step_seed(seed, step, c)``: the generator handed to the stage, and the global RNG reseeded before the
+student's forward. So one process with grad_accum=2 computes exactly the chunks two processes with
+grad_accum=1 compute, and nothing random is carried from one step to the next: a checkpoint needs the
+model, optimizer, EMA, lr schedule, progress and sampler position, but no RNG state (python ``random`` and
+numpy's global RNG are not used at all; tests/test_resume_mid.py checks a resume is bit-identical).
+
+Mid-training makes its pairs through engine/pipeline.py: in line (``mid.pipeline=serial``) or in a background
+thread running ahead of the student (``thread``), with the same pairs and losses either way.
+ZeRO-3 shards the parameters: the EMA update gathers them (deepspeed.zero.GatheredParameters), and the
+EMA is exported through a copy of the network taken before DeepSpeed partitioned it.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -17,12 +30,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from engine.config import Config, ConfigError, save_config, to_dict
 from engine.data import InfiniteSampler, build_dataset
 from engine.export import export_network
+from engine.pipeline import MicroJob, SerialProducer, ThreadedProducer
 from engine.stages import build_stage
 from kernels import dispatch as kernel_dispatch
 
@@ -59,15 +74,7 @@ def init_distributed() -> tuple[int, int]:
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed JSON for this run: a user file if named, else built from train.*."""
     t = cfg.train
-    if t.deepspeed_config:
-        path = Path(t.deepspeed_config)
-        if not path.is_file():
-            raise ConfigError(f"train.deepspeed_config '{path}' does not exist: use a file from configs/deepspeed/")
-        ds = json.loads(path.read_text())
-    else:
-        ds = {"zero_optimization": {"stage": t.zero_stage}}
-        if t.precision == "bf16":
-            ds["bf16"] = {"enabled": True}
+    ds = _base_deepspeed_config(cfg)
     micro = t.batch_size // (world_size * t.grad_accum)
     if micro * world_size * t.grad_accum != t.batch_size:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by world size ({world_size}) "
@@ -76,21 +83,56 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
               gradient_accumulation_steps=t.grad_accum, steps_per_print=2**62, wall_clock_breakdown=False)
     # Always explicit: DeepSpeed's own default clips at 1.0, which would silently change "0 = off".
     ds["gradient_clipping"] = cfg.optim.grad_clip
+    # DeepSpeed vets client optimizers for ZeRO by class and knows only Adam/AdamW. ZeRO hands the optimizer
+    # flat shards of the parameters, which is right for any elementwise update: RAdam (optim.name) is one.
+    ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
+
+
+def _base_deepspeed_config(cfg: Config) -> dict:
+    t = cfg.train
+    if t.deepspeed_config:
+        path = Path(t.deepspeed_config)
+        if not path.is_file():
+            raise ConfigError(f"train.deepspeed_config '{path}' does not exist: use a file from configs/deepspeed/")
+        return json.loads(path.read_text())
+    ds = {"zero_optimization": {"stage": t.zero_stage}}
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def zero_stage(cfg: Config) -> int:
+    """The ZeRO stage this run will use (from train.deepspeed_config if set, else train.zero_stage)."""
+    return int(_base_deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0))
+
+
+def check_scale_out(cfg: Config, stage_name: str) -> None:
+    """Refuse combinations that cannot work, before any process group starts."""
+    if stage_name == "post" and cfg.post.method == "meanflow" and zero_stage(cfg) == 3:
+        raise ConfigError("post.method=meanflow differentiates the network with torch.func.jvp, which cannot "
+                          "trace through ZeRO-3's parameter gathering: use ZeRO 0, 1 or 2 (train.zero_stage, or "
+                          "another train.deepspeed_config); ZeRO-2 already shards gradients and optimizer state")
+    if stage_name == "mid" and cfg.mid.pipeline_depth < 1:
+        raise ConfigError(f"mid.pipeline_depth={cfg.mid.pipeline_depth}: the producer must be allowed at least "
+                          "one micro-batch ahead, set it to 1 or more")
 
 
 # --------------------------------------------------------------------------------------------------
 # Pieces of the loop
 # --------------------------------------------------------------------------------------------------
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """A 63-bit seed for one (step, rank): a resumed or re-placed run draws the same numbers."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (1 << 64)
+def step_seed(seed: int, step: int, chunk: int) -> int:
+    """A 63-bit seed for one chunk of one step's global batch: a resumed or re-placed run draws the same numbers."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + chunk * 0x94D049BB133111EB) % (1 << 64)
     x ^= x >> 31
     return x & ((1 << 63) - 1)
 
 
 class EMA:
-    """Exponential moving average of a module's parameters (and a copy of its buffers), kept in fp32."""
+    """Exponential moving average of a module's parameters (and a copy of its buffers), kept in fp32.
+
+    Whole on every rank, also under ZeRO-3: the trainer gathers the sharded parameters for the update.
+    """
 
     def __init__(self, module: torch.nn.Module, beta: float, warmup: bool):
         self.beta, self.warmup = beta, warmup
@@ -142,7 +184,8 @@ class Progress:
 
 CHANGEABLE_ON_RESUME = {"train.total_kimg", "train.progress", "train.checkpoint_every_kimg",
                         "train.log_every_kimg", "train.snapshot_every_kimg", "train.keep_checkpoints",
-                        "sample", "eval"}
+                        "sample", "eval",
+                        "mid.pipeline", "mid.pipeline_depth"}   # where pairs are made, not which
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -179,6 +222,7 @@ class Trainer:
                                      labels_path=cfg.data.labels_path)
         for op, impl in dataclasses.asdict(cfg.kernels).items():
             kernel_dispatch.set_policy(op, impl)
+        check_scale_out(cfg, stage_name)
         torch.manual_seed(cfg.train.seed)   # the initial weights are fixed by the seed
         self.stage = build_stage(stage_name, cfg)
         self.rank, self.world = init_distributed()
@@ -188,17 +232,23 @@ class Trainer:
         import deepspeed
 
         model = self.stage.model.to(self.device)
+        # Taken while the weights are whole on every rank: ZeRO-3 partitions `model` in place below.
+        self.ema = EMA(model, cfg.train.ema_beta, cfg.train.ema_warmup)
+        self._export_model = copy.deepcopy(model).cpu()
         optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(cfg, step * cfg.train.batch_size))
+        ds_config = deepspeed_config(cfg, self.world)
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, self.world))
-        self.ema = EMA(self.stage.model, cfg.train.ema_beta, cfg.train.ema_warmup)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         # Every rank draws the same global batch and keeps its slice, so the data stream is fixed by the seed.
         self.sampler = InfiniteSampler(len(self.dataset), cfg.train.batch_size // cfg.train.grad_accum,
                                        seed=cfg.train.seed, random_flip=cfg.data.xflip)
         self.progress = Progress()
+        self._zero0_grad_norm: float | None = None
+        # Weights a network renormalises itself (EDM2's forced weight normalisation), see _renormalize_masters.
+        self._forced_norm = [(m.weight, m.normalize_weight) for m in model.modules() if hasattr(m, "normalize_weight")]
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -240,7 +290,7 @@ class Trainer:
         return True
 
     def export(self, out_dir: Path | None = None) -> None:
-        ema_model = copy.deepcopy(self.stage.model)
+        ema_model = self._export_model
         self.ema.copy_to(ema_model)
         export_network(ema_model.net, self.cfg, out_dir or self.run_dir / "export",
                        meta={"stage": self.stage_name, "kimg": self.progress.nimg / 1000, "step": self.progress.step})
@@ -276,47 +326,143 @@ class Trainer:
         next_snapshot = _next_multiple(self.progress.nimg, t.snapshot_every_kimg * 1000)
         bar = _progress_bar(self.rank == 0 and t.progress, total, self.progress.nimg, self.stage_name, resumed)
         micro = t.batch_size // (self.world * t.grad_accum)
-        losses, tick = [], time.time()
-        while self.progress.nimg < total:
-            for micro_step in range(t.grad_accum):
-                gen_seed = step_seed(t.seed, self.progress.step * t.grad_accum + micro_step, self.rank)
-                torch.manual_seed(gen_seed ^ 1)      # dropout and any other global-RNG use
-                generator = torch.Generator(self.device).manual_seed(gen_seed)
-                batch = self._collate(next(self.sampler), micro)
-                loss = self.stage.loss(self.engine, batch, generator)
-                self.engine.backward(loss)
-                self.engine.step()
-                losses.append(loss.detach())
-            self.progress.step += 1
-            self.progress.nimg += t.batch_size
-            self.ema.update(self.stage.model, self.progress.step)
-            if not math.isfinite(losses[-1].item()):
-                raise FloatingPointError(f"loss became {losses[-1].item()} at kimg {self.progress.nimg / 1000:.1f}: "
-                                         "lower optim.lr or set optim.grad_clip")
-            bar.update(t.batch_size)
-            if self.progress.nimg >= next_log or self.progress.nimg >= total:
-                mean_loss = _mean_over_ranks(torch.stack(losses).mean())
-                elapsed = time.time() - tick
-                row = {"kimg": self.progress.nimg / 1000, "step": self.progress.step, "loss": mean_loss,
-                       "lr": self.scheduler.get_last_lr()[0], "sec_per_kimg": elapsed / max(len(losses) * micro * self.world / 1000, 1e-9)}
-                row.update(getattr(self.stage, "counters", {}))   # counted work (teacher NFEs, pairs, ...)
-                row["kernels"] = kernel_dispatch.implementations_run()   # which implementation each op used
-                self._log(row)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}")
-                losses, tick = [], time.time()
-                next_log = _next_multiple(self.progress.nimg, t.log_every_kimg * 1000)
-            if self.progress.nimg >= next_snapshot:
-                if self.rank == 0:
-                    self.export(self.run_dir / "snapshots" / f"kimg-{self.progress.nimg / 1000:08.1f}")
-                next_snapshot = _next_multiple(self.progress.nimg, t.snapshot_every_kimg * 1000)
-            if self.progress.nimg >= next_ckpt or self.progress.nimg >= total:
-                self.save_checkpoint()
-                next_ckpt = _next_multiple(self.progress.nimg, t.checkpoint_every_kimg * 1000)
+        losses, grad_norms, tick = [], [], time.time()
+        teacher_sec = student_sec = 0.0
+        rate_name = "pairs/s" if self._makes_pairs() else "img/s"
+        with self._producer() as producer:
+            while self.progress.nimg < total:
+                for _ in range(t.grad_accum):
+                    item = next(producer)
+                    started = time.perf_counter()
+                    loss = self._micro_step(item)
+                    student_sec += time.perf_counter() - started
+                    teacher_sec += item.seconds
+                    losses.append(loss.detach())
+                grad_norms.append(self._grad_norm())
+                self.progress.step += 1
+                self.progress.nimg += t.batch_size
+                self._update_ema()
+                if not math.isfinite(losses[-1].item()):
+                    raise FloatingPointError(f"loss became {losses[-1].item()} at kimg {self.progress.nimg / 1000:.1f}: "
+                                             "lower optim.lr or set optim.grad_clip")
+                bar.update(t.batch_size)
+                if self.progress.nimg >= next_log or self.progress.nimg >= total:
+                    mean_loss = _mean_over_ranks(torch.stack(losses).mean())
+                    elapsed = time.time() - tick
+                    kimg_done = len(losses) * micro * self.world / 1000
+                    row = {"kimg": self.progress.nimg / 1000, "step": self.progress.step, "loss": mean_loss,
+                           "lr": self.scheduler.get_last_lr()[0], "sec_per_kimg": elapsed / max(kimg_done, 1e-9)}
+                    if rate_name == "pairs/s":
+                        # this rank's seconds in the interval making pairs (in the producer thread when
+                        # pipelined, so the two may add up to more than the wall time) and training on them
+                        row.update(teacher_sec=teacher_sec, student_sec=student_sec)
+                    if grad_norms[-1] is not None:
+                        row["grad_norm"] = sum(grad_norms) / len(grad_norms)
+                    row.update(getattr(self.stage, "counters", {}))   # counted work (teacher NFEs, pairs, ...)
+                    row["kernels"] = kernel_dispatch.implementations_run()   # which implementation each op used
+                    self._log(row)
+                    bar.set_postfix(**{"loss": f"{mean_loss:.4f}", "lr": f"{row['lr']:.2e}",
+                                       rate_name: f"{1000 * kimg_done / max(elapsed, 1e-9):.0f}"})
+                    losses, grad_norms, tick = [], [], time.time()
+                    teacher_sec = student_sec = 0.0
+                    next_log = _next_multiple(self.progress.nimg, t.log_every_kimg * 1000)
+                if self.progress.nimg >= next_snapshot:
+                    if self.rank == 0:
+                        self.export(self.run_dir / "snapshots" / f"kimg-{self.progress.nimg / 1000:08.1f}")
+                    next_snapshot = _next_multiple(self.progress.nimg, t.snapshot_every_kimg * 1000)
+                if self.progress.nimg >= next_ckpt or self.progress.nimg >= total:
+                    self.save_checkpoint()
+                    next_ckpt = _next_multiple(self.progress.nimg, t.checkpoint_every_kimg * 1000)
         bar.close()
         if self.rank == 0 and not (self.run_dir / "export").is_dir():
             self.export()
         torch.distributed.barrier()
         return self.run_dir / "export"
+
+    # -- one micro-step --------------------------------------------------------------------------------
+    def _makes_pairs(self) -> bool:
+        """Whether the stage splits into a teacher side and a student side the producer can overlap."""
+        return hasattr(self.stage, "make_pairs") and hasattr(self.stage, "pair_loss")
+
+    def _jobs(self) -> Iterator[MicroJob]:
+        """Every micro-step of this rank from the current position on, in training order.
+
+        Drawn from a copy of the sampler: a producer running ahead must not move the position that a
+        checkpoint records (the trainer adopts each job's position when it consumes the job).
+        """
+        t = self.cfg.train
+        sampler = copy.deepcopy(self.sampler)
+        micro = t.batch_size // (self.world * t.grad_accum)
+        step = self.progress.step
+        while True:
+            for m in range(t.grad_accum):
+                batch = self._collate(next(sampler), micro)
+                yield MicroJob(step=step, micro=m, seed=step_seed(t.seed, step, m * self.world + self.rank),
+                               batch=batch, sampler_state=sampler.state_dict())
+            step += 1
+
+    def _producer(self):
+        """The source of micro-steps: pairs made in line, or ahead in a thread (mid.pipeline=thread)."""
+        if not self._makes_pairs():
+            return SerialProducer(self._jobs(), lambda job: None)
+        make = lambda job: self.stage.make_pairs(       # noqa: E731 - counted when consumed (_micro_step)
+            job.batch, torch.Generator(self.device).manual_seed(job.seed), count=False)
+        if self.cfg.mid.pipeline == "thread":
+            return ThreadedProducer(self._jobs(), make, depth=self.cfg.mid.pipeline_depth, device=self.device)
+        return SerialProducer(self._jobs(), make)
+
+    def _micro_step(self, item) -> torch.Tensor:
+        """Forward, backward and (at the accumulation boundary) the optimizer step for one job."""
+        job = item.job
+        self.sampler.load_state_dict(job.sampler_state)
+        torch.manual_seed(job.seed ^ 1)      # dropout and any other global-RNG use of the student side
+        if item.pairs is None:
+            loss = self.stage.loss(self.engine, job.batch, torch.Generator(self.device).manual_seed(job.seed))
+        else:
+            self.stage.count_pairs(item.pairs)
+            loss = self.stage.pair_loss(self.engine, item.pairs)
+        self.engine.backward(loss)
+        if self.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            self._zero0_grad_norm = _norm_of_grads(self.stage.model)   # gone after step(); ZeRO>=1 keeps its own
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if boundary:
+            self._renormalize_masters()
+        return loss
+
+    @torch.no_grad()
+    def _renormalize_masters(self) -> None:
+        """Forced weight normalisation on DeepSpeed's fp32 master weights.
+
+        A network like EDM2 renormalises its stored weights in each training forward; under ZeRO 1-3 or
+        bf16 the optimizer owns a separate fp32 copy and writes it back after every step, which would undo
+        that and let weight norms (and so the effective learning rate) drift. Plain fp32 ZeRO-0 has no
+        master copy and needs nothing here. Collective under ZeRO-3: every rank runs the same loop.
+        """
+        if not self._forced_norm:
+            return
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        for param, normalize in self._forced_norm:
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                safe_set_full_fp32_param(param, normalize(master))
+
+    def _grad_norm(self) -> float | None:
+        """The last step's global gradient norm (before clipping)."""
+        if self.zero_stage == 0:
+            return self._zero0_grad_norm
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def _update_ema(self) -> None:
+        """Under ZeRO-3 each rank holds a shard of each parameter: gather them whole for the update."""
+        gathered = contextlib.nullcontext()
+        if self.zero_stage == 3:
+            import deepspeed
+            gathered = deepspeed.zero.GatheredParameters(list(self.stage.model.parameters()), modifier_rank=None)
+        with gathered:
+            self.ema.update(self.stage.model, self.progress.step)
 
     def _collate(self, sampled, micro: int) -> dict:
         """This rank's slice of the global (micro-)batch, on the device."""
@@ -334,6 +480,11 @@ def _next_multiple(nimg: int, every: float) -> float:
     if every <= 0:
         return float("inf")
     return (math.floor(nimg / every) + 1) * every
+
+
+def _norm_of_grads(module: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0
 
 
 def _mean_over_ranks(x: torch.Tensor) -> float:

@@ -108,8 +108,15 @@ class MidTraining:
             self.distance.to(device)
 
     @torch.no_grad()
-    def make_pairs(self, batch: dict, generator: torch.Generator) -> TrajectoryPairs:
-        """Roll the teacher out for this batch (B = number of pairs) and return the pairs."""
+    def make_pairs(self, batch: dict, generator: torch.Generator, count: bool = True) -> TrajectoryPairs:
+        """Roll the teacher out for this batch (B = number of pairs) and return the pairs.
+
+        Draws only from ``generator``, never from the global RNG (the teacher is in eval mode), so a
+        producer thread can run it while the student's dropout draws from the global RNG. ``count=False``
+        leaves :attr:`counters` alone: a pipelined producer makes pairs ahead of use, and the trainer
+        adds them with :meth:`count_pairs` when the student consumes them, so the logged counters are
+        the same as in a serial run.
+        """
         images = batch["images"]
         labels = batch.get("labels")
         B, shape, device = images.shape[0], tuple(images.shape[1:]), images.device
@@ -133,11 +140,16 @@ class MidTraining:
         else:
             pairs = meanflow_pairs(self._teacher_fn, T, shape, self.grid, mid.teacher_sampler,
                                    endpoints_only=self.method == "kd", device=device, **common)
+        if count:
+            self.count_pairs(pairs)
+        return pairs
+
+    def count_pairs(self, pairs: TrajectoryPairs) -> None:
+        """Add what ``pairs`` cost to :attr:`counters` (done by make_pairs unless count=False)."""
         self.counters["teacher_nfe"] += pairs.teacher_nfe
         self.counters["teacher_calls"] += pairs.teacher_calls
         self.counters["pairs"] += len(pairs)
         self.counters["trajectories"] += pairs.num_trajectories
-        return pairs
 
     # -- student side ---------------------------------------------------------------------------------
     def pair_loss(self, model, pairs: TrajectoryPairs, generator: torch.Generator | None = None) -> torch.Tensor:
