@@ -79,6 +79,9 @@ def match_state_dict(net: torch.nn.Module, state: dict[str, torch.Tensor], prefi
     own = net.state_dict()
     prefix = find_prefix(state, own) if prefix is None else prefix
     renamed = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    # A published scalar gain (shape []) is stored here as shape [1]: DeepSpeed cannot broadcast 0-d params.
+    renamed = {k: v.reshape(own[k].shape) if k in own and v.numel() == 1 and own[k].numel() == 1 else v
+               for k, v in renamed.items()}
     unexpected = sorted([k for k in state if not k.startswith(prefix)] +
                         [prefix + k for k in renamed if k not in own])
     mismatched = [(k, list(renamed[k].shape), list(own[k].shape)) for k in own

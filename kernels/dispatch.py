@@ -48,9 +48,13 @@ def _env_policy() -> dict[str, str]:
 
 
 def set_policy(op: str, impl: str) -> None:
-    """Use ``impl`` (or ``auto``) for ``op`` from now on."""
+    """Use ``impl`` for ``op`` from now on; ``auto`` clears the setting, so ``CMT_KERNELS`` applies again
+    (a config's default ``auto`` must not override what the user set in the environment)."""
     _check(op, impl)
-    _policy[op] = impl
+    if impl == AUTO:
+        _policy.pop(op, None)
+    else:
+        _policy[op] = impl
 
 
 def policy(op: str) -> str:

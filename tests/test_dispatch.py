@@ -15,9 +15,12 @@ def test_policy_priority_env_then_set_then_forced(monkeypatch):
         with dispatch.forced("attention", "auto"):
             assert dispatch.policy("attention") == "auto"
     assert dispatch.policy("attention") == "triton"
+    dispatch.set_policy("attention", "auto")   # clears: the environment applies again
+    assert dispatch.policy("attention") == "torch"
 
 
 def test_bad_names_are_refused(monkeypatch):
+    monkeypatch.setattr(dispatch, "_policy", {})
     with pytest.raises(ValueError, match="unknown kernel op"):
         dispatch.set_policy("softmax", "torch")
     with pytest.raises(ValueError, match="choose from auto, triton, torch"):

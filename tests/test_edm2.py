@@ -91,3 +91,28 @@ def test_use_r_student_starts_as_its_source_for_every_r():
         torch.testing.assert_close(student(z, t, r_label=torch.tensor([0.1, 0.4])), src(z, t))
     with pytest.raises(ValueError, match="pass r_label"):
         student(z, t)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_forced_weight_normalisation_reaches_deepspeeds_master_weights(tmp_path, zero):
+    """Under ZeRO the optimizer's fp32 copy is written back after each step; it must stay normalised."""
+    import numpy as np
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from engine.trainer import Trainer
+
+    data = np.random.default_rng(0).standard_normal((16, 4, 16, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", data)
+    np.save(tmp_path / "y.npy", np.arange(16) % 10)
+    cfg = tiny_cfg("data.source=npy", f"data.path={tmp_path / 'x.npy'}", f"data.labels_path={tmp_path / 'y.npy'}",
+                   "train.batch_size=8", "train.total_kimg=0.024", "train.progress=false", "optim.lr=0.05",
+                   f"train.zero_stage={zero}", "train.checkpoint_every_kimg=1")
+    trainer = Trainer(cfg, "pre", tmp_path / "run")
+    trainer.fit()
+    mp = [m for m in trainer.stage.model.modules() if isinstance(m, MPConv)]
+    rms = []
+    for m in mp:
+        w = safe_get_full_fp32_param(m.weight)
+        rms.append(w.flatten(1).square().mean(1).sqrt())
+    rms = torch.cat(rms)
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=0, atol=1e-3)

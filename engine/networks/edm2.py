@@ -71,6 +71,10 @@ class MPFourier(nn.Module):
         return torch.cos(torch.outer(label.float(), self.freqs.float()) + self.phases.float()) * math.sqrt(2)
 
 
+# Learned gains are shape [1], not EDM2's scalars: DeepSpeed's parameter broadcast (ZeRO >= 1) views each
+# parameter as bytes, which fails for 0-d tensors. engine/import_weights.py reshapes published scalars.
+
+
 class MPConv(nn.Module):
     """Magnitude-preserving conv (``kernel=(k, k)``) or linear layer (``kernel=()``), no bias.
 
@@ -84,6 +88,12 @@ class MPConv(nn.Module):
         super().__init__()
         self.out_channels = out_channels
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
+
+    @staticmethod
+    def normalize_weight(w: torch.Tensor) -> torch.Tensor:
+        """w with unit-RMS rows: what forced weight normalisation stores. The trainer also applies it
+        to DeepSpeed's fp32 master copy after each optimizer step (engine/trainer.py)."""
+        return pixel_norm(w, tuple(range(1, w.ndim)))
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
         w = self.weight.float()
@@ -114,7 +124,7 @@ class Block(nn.Module):
         self.num_heads = out_channels // channels_per_head if attention else 0
         if attention and self.num_heads == 0:
             raise ValueError(f"attention needs at least {channels_per_head} channels, the block has {out_channels}")
-        self.emb_gain = nn.Parameter(torch.zeros([]))
+        self.emb_gain = nn.Parameter(torch.zeros(1))
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
         self.emb_linear = MPConv(emb_channels, out_channels)
         self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
@@ -156,7 +166,7 @@ class _IntervalEmbedding(nn.Module):
         super().__init__()
         self.fourier = MPFourier(noise_channels)
         self.linear = MPConv(noise_channels, emb_channels)
-        self.gain = nn.Parameter(torch.zeros([]))
+        self.gain = nn.Parameter(torch.zeros(1))
 
     def forward(self, interval: torch.Tensor) -> torch.Tensor:
         return self.linear(self.fourier(interval), gain=self.gain)
@@ -224,7 +234,7 @@ class EDM2UNet(nn.Module):
                 self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, flavor="dec",
                                                             attention=res in attn_resolutions, **block)
         self.out_conv = MPConv(cout, self.out_channels, (3, 3))
-        self.out_gain = nn.Parameter(torch.zeros([]))
+        self.out_gain = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, noise_label, r_label=None, class_labels=None) -> torch.Tensor:
         noise_label, r_label = network_inputs(x, self.in_channels, self.img_resolution, noise_label, r_label)
