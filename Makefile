@@ -60,6 +60,7 @@ bench: setup
 	TRITON_INTERPRET=1 $(PY) -m benchmarks.kernel_dpm_solver_step --out $(BENCH)/kernels
 	TRITON_INTERPRET=1 $(PY) -m benchmarks.kernel_jvp_attention --out $(BENCH)/kernels
 	$(PY) -m benchmarks.feature_distance --out $(BENCH)/kernels
+	$(PY) -m benchmarks.pipeline --out $(BENCH)/pipeline
 	$(PY) -m benchmarks.report --results $(BENCH)
 
 clean:

@@ -42,7 +42,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 aten = torch.ops.aten
 # Ops that launch nothing although their schema is not a view: fresh-tensor reinterpretation and allocation.
 _NO_LAUNCH = {aten._unsafe_view, aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty,
-              aten.new_empty_strided}
+              aten.new_empty_strided,
+              # metadata checks functorch runs under torch.func.jvp: they compare shapes, read no data
+              aten.is_same_size, aten._has_same_storage_numel}
 # In-place ops that overwrite their destination without reading it.
 _OVERWRITE = {aten.copy_, aten.fill_, aten.zero_}
 

@@ -20,6 +20,7 @@ KERNEL_TABLES = (   # (file under kernels/, title, command)
     ("kernel_dpm_solver_step.md", "Fused DPM-Solver++ step", "python -m benchmarks.kernel_dpm_solver_step"),
     ("kernel_jvp_attention.md", "JVP attention", "python -m benchmarks.kernel_jvp_attention"),
     ("feature_distance.md", "Fused feature distance", "python -m benchmarks.feature_distance"),
+    ("../pipeline/pipeline.md", "Pipelined rollout", "python -m benchmarks.pipeline"),
 )
 
 
@@ -137,7 +138,8 @@ def main(argv=None) -> int:
     for fname, title, cmd in KERNEL_TABLES:
         path = res / "kernels" / fname
         if path.is_file():
-            lines += [f"## {title}", "", f"`{cmd}`", "", path.read_text().strip(), ""]
+            body = "\n".join("###" + ln[1:] if ln.startswith("# ") else ln for ln in path.read_text().strip().splitlines())
+            lines += [f"## {title}", "", f"`{cmd}`", "", body, ""]
     (res / "README.md").write_text("\n".join(lines))
     print(f"wrote {res / 'README.md'}")
     return 0

@@ -64,3 +64,16 @@ def test_profile_cli_bad_config_is_one_line(tmp_path, capsys):
     assert profile.main(["--stage", "mid", "--config", "configs/digits_cmt.yaml", "--csv", str(tmp_path / "p.csv"),
                          "--set", "mid.techer=x"]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_count_eager_ignores_shape_checks_under_jvp():
+    import torch
+
+    from benchmarks.counting import count_eager
+
+    x, t = torch.randn(64, 64), torch.randn(64, 64)
+    plain = count_eager(lambda: torch.sin(x))
+    assert plain["launches"] == 1 and plain["bytes_read"] == plain["bytes_written"] == 64 * 64 * 4
+    under_jvp = count_eager(lambda: torch.func.jvp(torch.sin, (x,), (t,)))
+    assert not any("is_same_size" in op or "has_same_storage" in op for op in under_jvp["ops"])
+    assert under_jvp["launches"] >= 3        # sin, cos, mul at least
