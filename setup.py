@@ -12,8 +12,9 @@ loads them and falls back to its PyTorch reference without them):
   imports on a machine without a GPU or driver; running it needs a GPU.
 
 Environment:
-- ``CMT_CUDA_ARCHS`` (default ``8.0;9.0``): GPU architectures, ``;``/``,``/space separated, ``+PTX`` to
-  also embed PTX (e.g. ``8.0;9.0+PTX``). Each becomes ``-gencode arch=compute_XY,code=sm_XY``.
+- ``CMT_CUDA_ARCHS`` (default ``8.0;9.0+PTX``): GPU architectures, ``;``/``,``/space separated. Each
+  becomes ``-gencode arch=compute_XY,code=sm_XY``; ``+PTX`` also embeds compute_XY PTX, which the driver
+  JIT-compiles on newer GPUs (the default's 9.0 PTX lets sm_100/sm_120 Blackwell GPUs load the extension).
 - ``MAX_JOBS``: parallel compile jobs (ninja), as in torch.utils.cpp_extension.
 - ``CMT_SKIP_CUDA_BUILD=1``: build only the CPU extension.
 - ``CMT_FORCE_CUDA_BUILD=1``: fail instead of skipping when the CUDA extension cannot be built.
@@ -51,6 +52,10 @@ def find_cuda_home():
     return None
 
 
+# sm_80 (A100) and sm_90 (H100) SASS, plus compute_90 PTX for GPUs newer than the toolkit's SASS targets.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
 def cuda_arch_flags(spec: str) -> tuple[list[str], list[str]]:
     """('8.0;9.0+PTX') -> (nvcc -gencode flags, ['sm_80', 'sm_90+PTX'])."""
     flags, names = [], []
@@ -67,7 +72,7 @@ def cuda_arch_flags(spec: str) -> tuple[list[str], list[str]]:
             flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
         names.append(f"sm_{number}" + ("+PTX" if ptx else ""))
     if not flags:
-        raise SystemExit("cmt: CMT_CUDA_ARCHS is empty; set e.g. CMT_CUDA_ARCHS='8.0;9.0'")
+        raise SystemExit(f"cmt: CMT_CUDA_ARCHS is empty; set e.g. CMT_CUDA_ARCHS='{DEFAULT_CUDA_ARCHS}'")
     return flags, names
 
 
@@ -108,7 +113,7 @@ def extensions():
     if reason:
         log(f"skipping the CUDA extension kernels._cuda: {reason}")
     else:
-        gencode, names = cuda_arch_flags(os.environ.get("CMT_CUDA_ARCHS", "8.0;9.0"))
+        gencode, names = cuda_arch_flags(os.environ.get("CMT_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
         log(f"building CUDA extension kernels._cuda for {', '.join(names)} with {cuda_home}/bin/nvcc "
             f"(CUDA {torch.version.cuda} torch; MAX_JOBS={os.environ.get('MAX_JOBS', 'unset')})")
         modules.append(CUDAExtension(

@@ -37,6 +37,7 @@ inputs that require grad raises instead of returning a silently detached result.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -54,6 +55,9 @@ OP = "dpm_solver_step"
 # Dtypes the kernel reads and writes. float64 is left to the torch reference: it exists for exactness
 # tests, where an fp32-accumulating kernel would be the wrong tool, and sm_90 float64 throughput is low.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Offsets relative to a sample's start are divided in int32 while per_sample + BLOCK stays below this
+# (a module constant so that tests can force the int64 path on small tensors).
+_INT32_LIMIT = 2**31
 
 if triton is not None:
 
@@ -62,16 +66,32 @@ if triton is not None:
                                 a, b0, b1, b2,
                                 numel, per_sample, slot_batch_stride,
                                 ORDER: tl.constexpr, PER_SAMPLE: tl.constexpr, STORE_SLOT: tl.constexpr,
-                                BLOCK: tl.constexpr):
-        """x_next over BLOCK flat elements; a..b2 are floats, or [B] pointers when PER_SAMPLE.
+                                SAMPLE_I32: tl.constexpr, BLOCK: tl.constexpr):
+        """x_next over BLOCK flat elements; a..b2 are floats, or contiguous [B] pointers when PER_SAMPLE.
 
         Offsets are int64 from the program id on, so every pointer offset (and the sample index derived
         from it) is 64-bit. D1/D2 are only touched when ORDER needs them (constexpr branches).
+
+        Sample index: a 64-bit integer division has no hardware instruction (it is a ~70-instruction
+        software routine per element), so the program divides its int64 start offset once, as a scalar,
+        and each element divides only its int32 offset relative to that sample's start. SAMPLE_I32 (set by
+        the launcher when per_sample + BLOCK < 2^31) guarantees that relative offset fits in int32; otherwise
+        (a single sample of ≥ 2^31 - BLOCK elements) the per-element division stays int64.
         """
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
         mask = offs < numel
         if PER_SAMPLE or STORE_SLOT:
-            sample = offs // per_sample
+            if SAMPLE_I32:
+                first = start // per_sample                                  # one scalar int64 division
+                rel = (start - first * per_sample).to(tl.int32) + tl.arange(0, BLOCK)  # < per_sample + BLOCK
+                n32 = tl.cast(per_sample, tl.int32)     # per_sample may arrive as the constexpr 1
+                step = rel // n32                                            # int32 division per element
+                inner = rel - step * n32
+                sample = first + step.to(tl.int64)
+            else:
+                sample = offs // per_sample
+                inner = offs - sample * per_sample
         if PER_SAMPLE:
             ca = tl.load(a + sample, mask=mask).to(tl.float32)
             cb0 = tl.load(b0 + sample, mask=mask).to(tl.float32)
@@ -94,7 +114,7 @@ if triton is not None:
             acc += cb2 * tl.load(d2_ptr + offs, mask=mask).to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
         if STORE_SLOT:
-            slot_offs = sample * slot_batch_stride + (offs - sample * per_sample)
+            slot_offs = sample * slot_batch_stride + inner.to(tl.int64)
             tl.store(slot_ptr + slot_offs, acc.to(slot_ptr.dtype.element_ty), mask=mask)
 
 
@@ -135,7 +155,8 @@ def _outputs(x, D0, D1, D2) -> tuple[int, list]:
 
 
 def _coefficients(coeffs: Sequence, x: torch.Tensor):
-    """Four floats (0-d tensors become floats), or four [B] float64 tensors on x's device."""
+    """Four floats (0-d tensors become floats), or four contiguous [B] float64 tensors on x's device
+    (float64 is what the kernel reads; it converts each to float32 once per element, like the reference)."""
     if len(coeffs) != 4:
         raise ValueError(f"coeffs must be (a, b0, b1, b2), got {len(coeffs)} values")
     if not any(isinstance(c, torch.Tensor) and c.ndim > 0 for c in coeffs):
@@ -146,7 +167,9 @@ def _coefficients(coeffs: Sequence, x: torch.Tensor):
         c = torch.as_tensor(c, dtype=torch.float64, device=x.device)
         if c.ndim > 1 or (c.ndim == 1 and c.shape[0] != batch):
             raise ValueError(f"per-sample coefficients must be [B] = [{batch}], got shape {tuple(c.shape)}")
-        per_sample.append(c.expand(batch).contiguous() if c.ndim == 0 else c)
+        # Always a fresh contiguous [B]: the kernel reads coefficient ``sample`` at ``pointer + sample``
+        # (stride 1), so a strided view such as ``coeffs[::2]`` must be copied, not passed through.
+        per_sample.append(c.expand(batch).contiguous())
     return tuple(per_sample), True
 
 
@@ -263,10 +286,13 @@ def dpm_solver_step_triton(x: torch.Tensor, D0: torch.Tensor, D1: Optional[torch
     ds_c += [x_c] * (3 - order)          # placeholders for unread outputs: the kernel never touches them
     block, num_warps = launch_config()
     grid = (triton.cdiv(x.numel(), block),)
-    _dpm_solver_step_kernel[grid](
-        x_c, *ds_c, out, slot if slot is not None else out, *values,
-        x.numel(), per_sample_numel, slot_batch_stride,
-        ORDER=order, PER_SAMPLE=per_sample, STORE_SLOT=slot is not None, BLOCK=block, num_warps=num_warps)
+    # Triton launches on the current CUDA device, not the tensors' one: make x's device current.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _dpm_solver_step_kernel[grid](
+            x_c, *ds_c, out, slot if slot is not None else out, *values,
+            x.numel(), per_sample_numel, slot_batch_stride,
+            ORDER=order, PER_SAMPLE=per_sample, STORE_SLOT=slot is not None,
+            SAMPLE_I32=per_sample_numel + block < _INT32_LIMIT, BLOCK=block, num_warps=num_warps)
     return out
 
 

@@ -35,6 +35,8 @@ This module must not import ``engine``.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -71,8 +73,8 @@ if triton is not None:
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """One program = one query block of one (batch, head). L is the log-sum-exp of S in log2 units
         (the kernel works with exp2 and S·log2 e). O / TO / L are contiguous outputs of this module."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)   # B·H on axis 0 (up to 2^31 − 1); axes 1 and 2 stop at 65535
+        pid_m = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,6 +99,7 @@ if triton is not None:
                          other=0.0)
             acc_t = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
             mu = tl.zeros([BLOCK_M], tl.float32)
+            ref = tl.zeros([BLOCK_M], tl.float32)
 
         for start_n in range(0, N_KV, BLOCK_N):
             cols = start_n + offs_n
@@ -123,7 +126,17 @@ if triton is not None:
                              other=0.0)
                 ds = (_dot(tq, tl.trans(k), PREC, UPCAST)
                       + _dot(q, tl.trans(tk), PREC, UPCAST)) * scale
-                pds = p * ds  # masked keys: p = 0 and ds is finite (k, tk loaded as 0)
+                # dO = Σ P·(dS − ref)·v + P·dv − (μ − ref)·O holds for any per-row ref, and only dS − μ
+                # matters: a large common row offset in dS (e.g. q·dkᵀ ≈ const) cancels in the end. So the
+                # product is formed in fp32 relative to ref, the P-weighted mean of dS over the first key
+                # block, before it is rounded to the IO dtype for the tensor-core dot; rounding p·dS itself
+                # would leave an error ∝ the offset after μ·O is subtracted (as the backward forms
+                # p·(dp − delta) in fp32 before rounding). Masked keys: p = 0 and ds is finite.
+                pds = p * ds
+                if start_n == 0:
+                    p_sum = tl.sum(p, 1)
+                    ref = tl.where(p_sum > 0, tl.sum(pds, 1) / p_sum, 0.0)
+                pds = pds - p * ref[:, None]
                 if MODE == 1:
                     mu = mu * alpha + tl.sum(pds, 1)
                     acc_t = acc_t * alpha[:, None]
@@ -134,7 +147,7 @@ if triton is not None:
         o_off = b * s_ob + h * s_oh + rows[:, None] * s_on + offs_d[None, :]
         if MODE == 2:
             o = tl.load(O + o_off, mask=qmask, other=0.0).to(tl.float32)
-            tl.store(TO + o_off, (acc_t - mu[:, None] * o).to(io), mask=qmask)
+            tl.store(TO + o_off, (acc_t - mu[:, None] * o).to(io), mask=qmask)   # mu = μ − ref
         else:
             o = acc / l_i[:, None]
             tl.store(O + o_off, o.to(io), mask=qmask)
@@ -151,8 +164,8 @@ if triton is not None:
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """One program = one key block: dV = Σ_i Pᵀ·dO, dK = scale·Σ_i dSᵀ·q with dS = P ⊙ (dO·vᵀ − D),
         D_i = rowsum(dO ⊙ O) (precomputed), P recomputed from the saved log2 log-sum-exp L."""
-        pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = tl.arange(0, BLOCK_M)
@@ -197,8 +210,8 @@ if triton is not None:
                        PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """One program = one query block: dQ = scale·Σ_j dS·k (a separate pass, so no atomics)."""
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
+        pid_bh = tl.program_id(0)   # B·H on axis 0 (up to 2^31 − 1); axes 1 and 2 stop at 65535
+        pid_m = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -241,13 +254,22 @@ else:
 # --------------------------------------------------------------------------------------------------
 # Launch configuration
 # --------------------------------------------------------------------------------------------------
-def _config(kind: str, head_dim: int) -> dict:
+def _config(kind: str, head_dim: int, dtype: torch.dtype = torch.float16) -> dict:
     """Block sizes, warps and stages per kernel.
 
     On the GPU these are starting points for sm_90 (H100) from the usual flash-attention choices, not
-    autotuned here (there is no GPU on the development machines): the primal forward keeps one
-    [BLOCK_M, d] accumulator, so it affords 128-row blocks; the tangent passes add a tangent accumulator
-    and three tangent tiles, so they use 64 rows; d = 128 halves the key block to stay within registers.
+    autotuned here (there is no GPU on the development machines), checked by compiling for sm_90 / sm_80
+    with Triton's bundled ptxas: the primal forward keeps one [BLOCK_M, d] accumulator, so it affords
+    128-row blocks; the tangent passes add a tangent accumulator and three tangent tiles, so they use 64
+    rows and 8 warps (with 4 warps the fp16/bf16 tangent kernels hit 255 registers and spill 176–504 B
+    per thread); d = 128 halves the key block to stay within registers.
+
+    float32 IO (``tf32x3`` dots, see ``_dot_flags``) has 4-byte tiles that tf32x3 splits in two: the
+    16-bit configs would need 131–266 KB of shared memory, beyond an A100's (sm_80) 166,912 B per block,
+    so fp32 gets small tiles and few stages: at most 163,840 B (fp32 tangent pass, d = 128) and ≤ 82 KB
+    elsewhere, compiled for sm_80 and sm_90. At d ≤ 64 they spill ≤ 64 B per thread on sm_90; at d = 128
+    the tangent kernels still spill 0.4–1 KB per thread on sm_90 and 12–14 KB on sm_80 (where tf32x3 runs
+    on mma.sync): fp32 attention is the slow path; use bf16/fp16 for speed.
     Under the interpreter a single small config is used, with BLOCK_M ≠ BLOCK_N so that index mix-ups
     between the query and key axes cannot cancel out in tests.
     """
@@ -255,12 +277,37 @@ def _config(kind: str, head_dim: int) -> dict:
         m, n = {"fwd": (32, 16), "fwd_t": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}[kind]
         return dict(BLOCK_M=m, BLOCK_N=n, num_warps=4, num_stages=1)
     big = head_dim > 64
+    if dtype == torch.float32:
+        return {
+            "fwd": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1),
+            "fwd_t": dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1),
+            "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+            "dq": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2),
+        }[kind]
     return {
         "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8 if big else 4, num_stages=3),
-        "fwd_t": dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=4, num_stages=2),
+        "fwd_t": dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2),
         "dkdv": dict(BLOCK_M=32 if big else 64, BLOCK_N=64, num_warps=4 if not big else 8, num_stages=2),
         "dq": dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=4 if not big else 8, num_stages=2),
     }[kind]
+
+
+MAX_GRID_AXIS1 = 65535   # CUDA's limit on grid axes 1 and 2 (axis 0 allows 2^31 − 1)
+
+
+def _grid(blocks: int, batch_heads: int) -> tuple[int, int]:
+    """Launch grid of every kernel here: (B·H, blocks along the sequence). B·H goes on axis 0, whose
+    limit is 2^31 − 1, because it grows with the batch (70,000 = 4,375 × 16 heads overflows axis 1);
+    the block count stays small (65,535 blocks of ≥ 16 rows is > 10^6 tokens)."""
+    if blocks > MAX_GRID_AXIS1 or batch_heads > 2**31 - 1:
+        raise ValueError(f"jvp_attention (triton): grid ({batch_heads}, {blocks}) exceeds CUDA's limits "
+                         f"(2^31 − 1, {MAX_GRID_AXIS1}); the sequence is too long for one launch")
+    return batch_heads, blocks
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make t's device current for the launch (no-op on CPU)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _block_d(head_dim: int) -> int:
@@ -268,9 +315,13 @@ def _block_d(head_dim: int) -> int:
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
-    """PREC: fp32 IO stays IEEE fp32 in tl.dot (Triton's default would be TF32), matching PyTorch's
-    default matmul precision; fp16/bf16 use tensor cores either way. UPCAST: see ``_dot``."""
-    return dict(PREC="ieee" if dtype == torch.float32 else "tf32",
+    """PREC: fp32 IO uses ``tf32x3`` (each operand split into a TF32 high part and a TF32 remainder, three
+    tensor-core MMAs: close to fp32 accuracy, unlike plain TF32, Triton's default). ``ieee`` would match
+    PyTorch's fp32 matmul bit for bit in spirit but has no tensor-core path on sm_80/sm_90: it lowers to
+    unrolled scalar FMAs with 7–16 KB of stack per thread. fp16/bf16 use tensor cores either way (PREC is
+    ignored for them). The interpreter accepts ``tf32x3`` and computes the dot in plain fp32.
+    UPCAST: see ``_dot``."""
+    return dict(PREC="tf32x3" if dtype == torch.float32 else "tf32",
                 UPCAST=INTERPRETED and dtype == torch.bfloat16)
 
 
@@ -339,13 +390,14 @@ def _fwd(q, k, v, scale, mode, tangents=None, o=None, lse=None):
             do = torch.empty_like(o)
         else:  # the tangent pointers are never read in MODE 0
             tq, tk, tv, do = q, k, v, o
-    cfg = _config("fwd" if mode == 0 else "fwd_t", d)
-    grid = (triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
-    _fwd_kernel[grid](q, k, v, tq, tk, tv, o, do, lse,
-                      *_strides3(q), *_strides3(k), *_strides3(v),
-                      *_strides3(tq), *_strides3(tk), *_strides3(tv), *_strides3(o),
-                      H, n_q, n_kv, d, scale, scale * _LOG2E,
-                      MODE=mode, **_dot_flags(q.dtype), BLOCK_D=_block_d(d), **cfg)
+    cfg = _config("fwd" if mode == 0 else "fwd_t", d, q.dtype)
+    grid = _grid(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)
+    with _on_device(q):
+        _fwd_kernel[grid](q, k, v, tq, tk, tv, o, do, lse,
+                          *_strides3(q), *_strides3(k), *_strides3(v),
+                          *_strides3(tq), *_strides3(tk), *_strides3(tv), *_strides3(o),
+                          H, n_q, n_kv, d, scale, scale * _LOG2E,
+                          MODE=mode, **_dot_flags(q.dtype), BLOCK_D=_block_d(d), **cfg)
     return (None if mode == 2 else o), (None if mode == 2 else lse), (None if mode == 0 else do)
 
 
@@ -359,14 +411,15 @@ def _bwd(q, k, v, o, lse, grad_o, scale):
     dv = torch.empty_like(dk)
     common = (*_strides3(q), *_strides3(k), *_strides3(v), *_strides3(grad_o))
     tail = (H, n_q, n_kv, d, scale, scale * _LOG2E)
-    cfg = _config("dkdv", d)
-    _bwd_dkdv_kernel[(triton.cdiv(n_kv, cfg["BLOCK_N"]), B * H)](
-        q, k, v, grad_o, lse, delta, dk, dv, *common, *_strides3(dk), *tail,
-        **_dot_flags(q.dtype), BLOCK_D=_block_d(d), **cfg)
-    cfg = _config("dq", d)
-    _bwd_dq_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
-        q, k, v, grad_o, lse, delta, dq, *common, *_strides3(dq), *tail,
-        **_dot_flags(q.dtype), BLOCK_D=_block_d(d), **cfg)
+    with _on_device(q):
+        cfg = _config("dkdv", d, q.dtype)
+        _bwd_dkdv_kernel[_grid(triton.cdiv(n_kv, cfg["BLOCK_N"]), B * H)](
+            q, k, v, grad_o, lse, delta, dk, dv, *common, *_strides3(dk), *tail,
+            **_dot_flags(q.dtype), BLOCK_D=_block_d(d), **cfg)
+        cfg = _config("dq", d, q.dtype)
+        _bwd_dq_kernel[_grid(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H)](
+            q, k, v, grad_o, lse, delta, dq, *common, *_strides3(dq), *tail,
+            **_dot_flags(q.dtype), BLOCK_D=_block_d(d), **cfg)
     return dq, dk, dv
 
 

@@ -183,6 +183,55 @@ def test_offsets_are_int64_by_design(monkeypatch):
     assert set(offset_types) == {tl.int64}
 
 
+def test_strided_per_sample_coefficients_are_read_by_sample():
+    """Per-sample coefficients given as strided views (e.g. every other entry of a longer schedule) are read
+    at their logical index, not at ``pointer + sample`` of the underlying storage."""
+    x, d0, d1, d2 = inputs(MULTI, 3)
+    g = torch.Generator().manual_seed(5)
+    coeffs = [torch.randn(2 * MULTI[0], generator=g, dtype=torch.float64)[::2] for _ in range(4)]
+    assert not coeffs[0].is_contiguous()
+    coeffs[1] = torch.randn(MULTI[0], 3, generator=g, dtype=torch.float64)[:, 1]    # stride 3
+    buffer = torch.zeros(MULTI[0], 2, *MULTI[1:])
+    with triton():
+        fused = dpm_solver_pp_step(x, d0, d1, d2, coeffs=coeffs, slot=buffer[:, 1])
+    assert dispatch.last_implementation(OP) == "triton"
+    expected = dpm_solver_step_torch(x, d0, d1, d2, coeffs=[c.contiguous() for c in coeffs])
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(buffer[:, 1], expected, rtol=1e-6, atol=1e-5)
+
+
+def test_sample_index_is_an_int32_division_and_the_int64_path_agrees(monkeypatch, gpu_bf16_rounding):
+    """The per-element sample index is an int32 division (int64 division is a long software routine on the
+    GPU); only one scalar int64 division per program remains. A sample too long for int32 relative offsets
+    takes the int64 path, forced here by lowering the limit, and gives the same bits."""
+    from triton.runtime import interpreter
+    import triton.language as tl
+
+    divisions = []
+    sdiv = interpreter.InterpreterBuilder.create_sdiv
+
+    def recording(self, lhs, rhs):
+        divisions.append((lhs.dtype.scalar if hasattr(lhs.dtype, "scalar") else lhs.dtype, lhs.data.size))
+        return sdiv(self, lhs, rhs)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_sdiv", recording)
+    x, d0, d1, d2 = inputs(MULTI, 3, torch.bfloat16)
+    coeffs = [torch.rand(MULTI[0], dtype=torch.float64) for _ in range(4)]
+    buffers = [torch.full((MULTI[0], 3, *MULTI[1:]), float("nan"), dtype=torch.bfloat16) for _ in range(2)]
+    block = kds.launch_config()[0]
+    with triton():
+        fast = dpm_solver_pp_step(x, d0, d1, d2, coeffs=coeffs, slot=buffers[0][:, 1])
+        vector = {dtype for dtype, size in divisions if size == block}
+        assert vector == {tl.int32} and all(size == 1 for dtype, size in divisions if dtype == tl.int64)
+        divisions.clear()
+        monkeypatch.setattr(kds, "_INT32_LIMIT", 0)
+        wide = dpm_solver_pp_step(x, d0, d1, d2, coeffs=coeffs, slot=buffers[1][:, 1])
+        assert {dtype for dtype, size in divisions if size == block} == {tl.int64}
+    assert torch.equal(fast, wide) and torch.equal(buffers[0][:, 1], buffers[1][:, 1])
+    assert torch.isnan(buffers[0][:, [0, 2]]).all()
+    torch.testing.assert_close(fast, dpm_solver_step_torch(x, d0, d1, d2, coeffs=coeffs), rtol=0, atol=0)
+
+
 def test_dispatch_is_observable_and_auto_uses_torch_on_cpu():
     tensors = inputs(ODD, 2)
     dpm_solver_pp_step(*tensors, coeffs=COEFFS[2])

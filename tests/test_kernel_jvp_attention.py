@@ -81,6 +81,59 @@ def test_output_tangent_and_grads_match_truth(dtype, shape):
         assert _err(mine.grad, truth.grad) <= FACTOR * _err(torch_own.grad, truth.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tangent_is_insensitive_to_a_common_row_offset_in_ds(dtype):
+    """dO depends on dS only through dS − μ (row-wise), so a per-row constant in dS — here a large shared
+    component w of every key's tangent, q·(dk_j + w)ᵀ = q·dk_jᵀ + q·wᵀ — cancels. The kernel forms
+    P·(dS − ref) in fp32 before rounding to the IO dtype, so its error with the offset must stay within
+    FACTOR × PyTorch's error without it; rounding P·dS itself (the old kernel) gave ~15× PyTorch's error
+    here. Truths are float64 evaluations of the rounded inputs, so input rounding (which a large w
+    amplifies in dk + w) is nobody's error. Both the jvp rule (MODE 2) and the fused pass (MODE 1)."""
+    shape = (1, 2, 37, 45, 32)
+    (q, k, v), (tq, tk, tv) = _inputs(*shape, seed=3)
+    w = 40 * torch.randn(1, 2, 1, shape[-1], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    q, k, v, tq, tk, tv, tk_off = (x.to(dtype) for x in (q, k, v, tq, tk, tv, tk + w))
+    hi = lambda *xs: tuple(x.double() for x in xs)
+    offset = (q.double() @ w.transpose(-2, -1)) * shape[-1] ** -0.5      # [1, 2, N_q, 1]: dS's row offset
+    ds = (tq.double() @ k.double().transpose(-2, -1) + q.double() @ tk.double().transpose(-2, -1)) * shape[-1] ** -0.5
+    assert offset.abs().mean() > 10 * ds.std()
+    _, truth = torch.func.jvp(attention_reference, hi(q, k, v), hi(tq, tk, tv))
+    _, truth_off = torch.func.jvp(attention_reference, hi(q, k, v), hi(tq, tk_off, tv))
+    _, do_pt = torch.func.jvp(attention_reference, (q, k, v), (tq, tk, tv))
+    with triton():
+        _, do_jvp = torch.func.jvp(jvp_attention, (q, k, v), (tq, tk_off, tv))
+    _, do_fused = attention_jvp(q, k, v, tq, tk_off, tv)
+    budget = FACTOR * _err(do_pt, truth)
+    assert _err(do_jvp, truth_off) <= budget
+    assert _err(do_fused, truth_off) <= budget
+
+
+def test_grid_puts_batch_heads_on_axis_0():
+    """CUDA limits grid axes 1 and 2 to 65535, so B·H (which grows with the batch) must be on axis 0. The
+    grids the launchers build for B·H = 70,000 are recorded without running the kernels."""
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    B, H, n, d = 7000, 10, 40, 1
+    q = torch.zeros(B, H, n, d)
+    lse = torch.zeros(B, H, n)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+            mp.setattr(ja, name, Recorder())
+        for mode in (0, 1, 2):
+            ja._fwd(q, q, q, 1.0, mode, tangents=(q, q, q), o=q, lse=lse)
+        ja._bwd(q, q, q, q, lse, q, 1.0)
+    assert len(grids) == 5
+    for grid in grids:
+        assert grid[0] == B * H and 1 < grid[1] <= ja.MAX_GRID_AXIS1 and len(grid) == 2
+    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
+        ja._grid(ja.MAX_GRID_AXIS1 + 1, 1)
+
+
 def test_strided_inputs_as_self_attention_makes_them():
     """q, k, v permuted out of one qkv projection (SelfAttention's layout), a stride-0 (expanded) tangent,
     jvp and backward through the whole block, against the same block on math attention."""
