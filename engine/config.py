@@ -33,6 +33,8 @@ class DataConfig:
     resolution: int = 16
     channels: int = 1
     xflip: bool = False
+    loader: Literal["torch", "dali"] = "torch"   # dali: NVIDIA DALI decodes each batch (pip install -e '.[dali]')
+    on_corrupt: Literal["fail", "skip"] = "fail"  # skip: an unreadable file stands in for the next readable one
 
 
 @dataclass
@@ -108,10 +110,13 @@ class MidConfig:
     loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
     feature_net: Optional[str] = None    # weights of the perceptual network for lpips / elatentlpips
     cfg_scale: float = 1.0               # must match across the three stages (SPEC §5)
-    pipeline: Literal["serial", "thread"] = "serial"   # thread: roll the teacher out ahead of the student
+    pipeline: Literal["serial", "thread", "teacher_ranks"] = "serial"   # thread: roll the teacher out ahead
+                                         # of the student; teacher_ranks: on mid.teacher_ranks dedicated ranks
                                          # (engine/pipeline.py); same pairs and losses as serial. Not "off":
                                          # YAML reads a bare off as false
     pipeline_depth: int = 2              # micro-batches of pairs the producer may hold ready (>= 1)
+    teacher_ranks: int = 1               # mid.pipeline=teacher_ranks: how many of the launched ranks only
+                                         # roll the teacher out (the others train the student)
 
 
 @dataclass

@@ -3,10 +3,15 @@
 Every source returns float32 images [N,C,H,W] (pixels mapped to [-1,1]; `.npy` arrays kept as stored,
 since they are usually latents) with optional integer labels. Bad input raises DataError with a one-line
 message that names the file or config key and says what to change: the CLI shows it verbatim.
+
+An unreadable image file (data.on_corrupt) fails by name, or with "skip" stands in for the next readable
+file in sorted order (cyclically; label included) and is counted in ``dataset.skipped``. engine/data_dali.py
+(data.loader=dali) decodes the same files per batch and gives the same batches, skips included.
 """
 
 import functools
 import io
+import sys
 import zipfile
 import zlib
 from pathlib import Path
@@ -21,6 +26,8 @@ from torch.utils.data import Dataset
 SOURCES = ("digits", "folder", "zip", "npy")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 LAYOUTS = ("NCHW", "NHWC")
+LOADERS = ("torch", "dali")
+ON_CORRUPT = ("fail", "skip")
 
 DIGITS_TRAIN_SIZE = 1500  # the remaining 297 of the 1797 digits are held out
 DIGITS_SPLIT_SEED = 0
@@ -41,6 +48,10 @@ class DataError(ValueError):
     """Bad data or data config; the message is one line that says what to fix."""
 
 
+class CorruptFileError(DataError):
+    """An image file that cannot be read or decoded at all (what data.on_corrupt=skip skips)."""
+
+
 class ImageDataset(Dataset):
     """Images [N,C,H,W] float32 and optional labels [N] int64: what every source builds.
 
@@ -48,7 +59,8 @@ class ImageDataset(Dataset):
     instead of a worker-based DataLoader.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, skipped: list[str] | None = None):
+        self.skipped = list(skipped or [])   # unreadable files replaced by the next readable one (on_corrupt=skip)
         if images.ndim != 4:
             raise DataError(f"images must be [N,C,H,W], got shape {tuple(images.shape)}")
         if labels is not None and labels.shape != (images.shape[0],):
@@ -86,16 +98,61 @@ class ImageDataset(Dataset):
         return images, labels
 
 
+def build_training_data(data_cfg):
+    """The trainer's data from the `data.*` config: an ImageDataset (loader=torch) or a DALI source with the
+    same ``len``/``gather`` (loader=dali, engine/data_dali.py); both give the same batches for the same seed."""
+    loader = getattr(data_cfg, "loader", "torch")
+    if loader not in LOADERS:
+        raise DataError(f"data.loader {loader!r} is not one of {', '.join(LOADERS)}")
+    kwargs = dict(resolution=data_cfg.resolution, channels=data_cfg.channels, layout=data_cfg.layout,
+                  labels_path=data_cfg.labels_path, on_corrupt=getattr(data_cfg, "on_corrupt", "fail"))
+    if loader == "dali":
+        from engine.data_dali import build_dali_dataset
+        return build_dali_dataset(data_cfg.source, data_cfg.path, **kwargs)
+    return build_dataset(data_cfg.source, data_cfg.path, split="train", **kwargs)
+
+
 def build_dataset(source: str, path: str | None = None, resolution: int = 16, channels: int = 1,
-                  split: str = "train", layout: str = "NCHW", labels_path: str | None = None) -> ImageDataset:
+                  split: str = "train", layout: str = "NCHW", labels_path: str | None = None,
+                  on_corrupt: str = "fail") -> ImageDataset:
     """Build the dataset named by the `data.*` config keys.
 
     source: "digits" (embedded, needs no path), "folder" (png/jpg found recursively, sorted by relative
     path), "zip" (the same inside a zip) or "npy" (an array [N,C,H,W], or [N,H,W,C] with layout="NHWC",
     values kept as stored). Images must already be resolution×resolution with `channels` channels
     (grayscale = 1, RGB = 3): nothing is resized silently. labels_path: optional `.npy` of N integers in
-    the same (sorted) order. split: "train" or "heldout", for digits only.
+    the same (sorted) order. split: "train" or "heldout", for digits only. on_corrupt: "fail" (DataError
+    naming the unreadable file) or "skip" (it stands in for the next readable file, see :func:`next_good`).
     """
+    check_source_config(source, path, resolution, channels, split, on_corrupt, labels_path)
+    if source == "digits":
+        return _digits(resolution, channels, split)
+    skipped = []
+    if source == "folder":
+        images, skipped = _decode_all(_list_folder(Path(path)), resolution, channels, on_corrupt)
+    elif source == "zip":
+        with _open_zip(Path(path)) as archive:
+            images, skipped = _decode_all(_list_zip(Path(path), archive), resolution, channels, on_corrupt)
+    else:
+        images = _load_npy(Path(path), resolution, channels, layout)
+    labels = None if labels_path is None else _load_labels(Path(labels_path), len(images))
+    if skipped:
+        bad = {index for index, _ in skipped}
+        order = torch.tensor([next_good(i, bad, len(images)) for i in range(len(images))])
+        filler = next(image for image in images if image is not None)
+        images = torch.stack([image if image is not None else filler for image in images])
+        images, labels = images[order], (None if labels is None else labels[order])
+        report_skipped([name for _, name in skipped], len(skipped))
+    elif source != "npy":
+        images = torch.stack(images)
+    return ImageDataset(images, labels, skipped=[name for _, name in skipped])
+
+
+def check_source_config(source, path, resolution, channels, split="train", on_corrupt="fail",
+                        labels_path=None) -> None:
+    """The checks every loader makes before reading anything (one-line DataError)."""
+    if on_corrupt not in ON_CORRUPT:
+        raise DataError(f"data.on_corrupt {on_corrupt!r} is not one of {', '.join(ON_CORRUPT)}")
     if source not in SOURCES:
         raise DataError(f"data.source {source!r} is not one of {', '.join(SOURCES)}")
     if not isinstance(resolution, int) or resolution < 1:
@@ -105,21 +162,29 @@ def build_dataset(source: str, path: str | None = None, resolution: int = 16, ch
     if source == "digits":
         if path is not None or labels_path is not None:
             raise DataError("data.source='digits' is embedded and takes no data.path or data.labels_path: remove them")
-        return _digits(resolution, channels, split)
+        return
     if split != "train":
         raise DataError(f"data.split={split!r} exists only for data.source='digits': set data.split='train' for {source}")
     if path is None:
         raise DataError(f"data.path is required for data.source={source!r}: point it at {_WHAT_PATH_HOLDS[source]}")
     if not Path(path).exists():
         raise DataError(f"data.path '{path}' does not exist: point data.path at {_WHAT_PATH_HOLDS[source]}")
-    if source == "folder":
-        images = _load_folder(Path(path), resolution, channels)
-    elif source == "zip":
-        images = _load_zip(Path(path), resolution, channels)
-    else:
-        images = _load_npy(Path(path), resolution, channels, layout)
-    labels = None if labels_path is None else _load_labels(Path(labels_path), len(images))
-    return ImageDataset(images, labels)
+
+
+def next_good(index: int, bad: set, count: int) -> int:
+    """The item that stands in for `index`: itself, or the next index (cyclically) not in `bad`."""
+    for step in range(count):
+        candidate = (index + step) % count
+        if candidate not in bad:
+            return candidate
+    raise DataError(f"all {count} image files are unreadable (data.on_corrupt=skip): check data.path")
+
+
+def report_skipped(new_names: list[str], total: int) -> None:
+    """One stderr line per batch of newly found unreadable files (data.on_corrupt=skip)."""
+    shown = ", ".join(new_names[:3]) + (", ..." if len(new_names) > 3 else "")
+    print(f"data: skipped unreadable file(s) {shown} (data.on_corrupt=skip; {total} skipped so far)",
+          file=sys.stderr, flush=True)
 
 
 @functools.lru_cache(maxsize=1)
@@ -156,7 +221,24 @@ def _is_image_name(name: str) -> bool:
             and not parts[-1].startswith("._"))
 
 
-def _load_folder(root: Path, resolution: int, channels: int) -> torch.Tensor:
+def _decode_all(entries, resolution: int, channels: int, on_corrupt: str):
+    """Decode every (name, open_bytes) entry: ([C,H,W] tensors, None where skipped), [(index, name) skipped]."""
+    images, skipped = [], []
+    for index, (name, open_bytes) in enumerate(entries):
+        try:
+            images.append(_decode_image(name, open_bytes, resolution, channels))
+        except CorruptFileError:
+            if on_corrupt != "skip":
+                raise
+            images.append(None)
+            skipped.append((index, name))
+    if len(skipped) == len(images):
+        next_good(0, set(range(len(images))), len(images))   # raises: nothing readable
+    return images, skipped
+
+
+def _list_folder(root: Path) -> list:
+    """[(name, open_bytes)] of the folder's images, sorted by relative path."""
     if not root.is_dir():
         raise DataError(f"data.path '{root}' is not a folder: point it at a folder of .png/.jpg images "
                         f"(or set data.source to zip/npy)")
@@ -165,70 +247,91 @@ def _load_folder(root: Path, resolution: int, channels: int) -> torch.Tensor:
     if not files:
         raise DataError(f"data.path '{root}' contains no .png/.jpg images (searched recursively): "
                         f"point data.path at a folder of images")
-    return torch.stack([_decode_image(str(f), lambda f=f: open(f, "rb"), resolution, channels) for f in files])
+    return [(str(f), lambda f=f: open(f, "rb")) for f in files]
 
 
-def _load_zip(archive_path: Path, resolution: int, channels: int) -> torch.Tensor:
+def _open_zip(archive_path: Path) -> zipfile.ZipFile:
     try:
-        archive = zipfile.ZipFile(archive_path)
+        return zipfile.ZipFile(archive_path)
     except (zipfile.BadZipFile, OSError) as error:
         raise DataError(f"data.path '{archive_path}' is not a readable zip ({error}): "
                         f"point it at a .zip of .png/.jpg images") from None
-    with archive:
-        members = sorted(m.filename for m in archive.infolist() if not m.is_dir() and _is_image_name(m.filename))
-        if not members:
-            raise DataError(f"data.path '{archive_path}' contains no .png/.jpg images: "
-                            f"point data.path at a .zip of images")
-        return torch.stack([
-            _decode_image(f"{archive_path}:{m}", lambda m=m: io.BytesIO(archive.read(m)), resolution, channels)
-            for m in members])
 
 
-def _decode_image(name: str, open_bytes: Callable[[], BinaryIO], resolution: int, channels: int) -> torch.Tensor:
-    """One 8-bit image → [C,H,W] in [-1,1], or DataError naming the file if it is unreadable or mis-sized."""
+def _list_zip(archive_path: Path, archive: zipfile.ZipFile) -> list:
+    """[(name, open_bytes)] of the zip's images, sorted by member name (open_bytes reads from `archive`)."""
+    members = sorted(m.filename for m in archive.infolist() if not m.is_dir() and _is_image_name(m.filename))
+    if not members:
+        raise DataError(f"data.path '{archive_path}' contains no .png/.jpg images: "
+                        f"point data.path at a .zip of images")
+    return [(f"{archive_path}:{m}", lambda m=m: io.BytesIO(_read_member(archive, archive_path, m))) for m in members]
+
+
+def _read_member(archive: zipfile.ZipFile, archive_path: Path, member: str) -> bytes:
+    try:
+        return archive.read(member)
+    except (zipfile.BadZipFile, OSError, zlib.error, EOFError) as error:
+        raise CorruptFileError(f"{archive_path}:{member} cannot be read from the zip ({error}): "
+                               f"replace or remove it") from None
+
+
+def _decode_image(name: str, open_bytes: Callable[[], BinaryIO], resolution: int, channels: int,
+                  decode: bool = True) -> torch.Tensor | None:
+    """One 8-bit image → [C,H,W] in [-1,1], or DataError naming the file if it is unreadable or mis-sized
+    (CorruptFileError if unreadable). decode=False checks only the header (mode and size) and returns None."""
     try:
         with open_bytes() as stream, Image.open(stream) as image:
-            image.load()
-            if image.mode == "1":
-                image = image.convert("L")
-            elif image.mode == "P":
-                image = image.convert("RGB")
-            mode, (width, height) = image.mode, image.size
-            pixels = np.asarray(image) if mode in _MODE_CHANNELS else None
-    except (OSError, SyntaxError, ValueError, zipfile.BadZipFile, zlib.error) as error:
-        raise DataError(f"{name} cannot be read as an image ({error}): replace or remove it") from None
-    if pixels is None:
+            mode = {"1": "L", "P": "RGB"}.get(image.mode, image.mode)   # "1" and "P" are widened
+            if decode:
+                image.load()
+                if image.mode != mode:
+                    image = image.convert(mode)
+            width, height = image.size
+            pixels = np.asarray(image) if decode and mode in _MODE_CHANNELS else None
+    except (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise CorruptFileError(f"{name} cannot be read as an image ({error}): replace or remove it") from None
+    if mode not in _MODE_CHANNELS:
         raise DataError(f"{name} has image mode {mode}; only 8-bit grayscale (L) and RGB are read: "
                         f"convert it (e.g. PIL image.convert('RGB'))")
     if (width, height) != (resolution, resolution) or _MODE_CHANNELS[mode] != channels:
         raise DataError(f"{name} is {width}×{height} {_MODE_NAMES[mode]} but data.resolution={resolution}, "
                         f"data.channels={channels}: resize the images or change the config")
+    if not decode:
+        return None
     tensor = torch.from_numpy(pixels.copy()).float().div_(127.5).sub_(1.0)
     return tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1)
 
 
 def _load_npy(file: Path, resolution: int, channels: int, layout: str) -> torch.Tensor:
+    array = checked_npy(file, resolution, channels, layout)
+    if layout == "NHWC":
+        array = array.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def checked_npy(file: Path, resolution: int, channels: int, layout: str, mmap_mode: str | None = None) -> np.ndarray:
+    """The `.npy` array as stored (layout unchanged), after every check the npy source makes."""
     if layout not in LAYOUTS:
         raise DataError(f"data.layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    array = _read_npy(file, "data.path")
+    array = _read_npy(file, "data.path", mmap_mode)
     if array.ndim != 4:
         raise DataError(f"{file} has shape {array.shape} but data.source='npy' needs a 4-d array "
                         f"[N,C,H,W] (or [N,H,W,C] with data.layout=NHWC)")
     if not np.issubdtype(array.dtype, np.floating):
         raise DataError(f"{file} holds {array.dtype} values but the npy source keeps values as stored "
                         f"(for latents): save floats (pixels in [-1,1]) or use data.source=folder")
-    if layout == "NHWC":
-        array = array.transpose(0, 3, 1, 2)
     expected = (channels, resolution, resolution)
-    if array.shape[1:] != expected:
-        raise DataError(f"{file} holds items of shape {list(array.shape[1:])} (C,H,W after layout {layout}) "
+    if (array.shape[1:] if layout == "NCHW" else array.shape[1:][2:] + array.shape[1:3]) != expected:
+        shape = array.shape[1:] if layout == "NCHW" else array.shape[1:][2:] + array.shape[1:3]
+        raise DataError(f"{file} holds items of shape {list(shape)} (C,H,W after layout {layout}) "
                         f"but data.channels={channels}, data.resolution={resolution} expect {list(expected)}: "
                         f"fix the array, data.layout or the config")
     if len(array) == 0:
         raise DataError(f"{file} holds no items: point data.path at a non-empty array")
-    if not np.isfinite(array).all():
+    chunk = max(1, (1 << 24) // max(1, array[0].size))   # ~16M values at a time: a memory map stays small
+    if not all(np.isfinite(array[i:i + chunk]).all() for i in range(0, len(array), chunk)):
         raise DataError(f"{file} contains NaN or infinite values: clean the array")
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return array
 
 
 def _load_labels(file: Path, count: int) -> torch.Tensor:
@@ -244,11 +347,11 @@ def _load_labels(file: Path, count: int) -> torch.Tensor:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def _read_npy(file: Path, key: str) -> np.ndarray:
+def _read_npy(file: Path, key: str, mmap_mode: str | None = None) -> np.ndarray:
     if not file.is_file():
         raise DataError(f"{key} '{file}' does not exist or is not a file: point it at a .npy file")
     try:
-        return np.load(file, allow_pickle=False)
+        return np.load(file, allow_pickle=False, mmap_mode=mmap_mode)
     except (OSError, ValueError) as error:
         raise DataError(f"{key} '{file}' cannot be read as a .npy array ({error}): save it with numpy.save") from None
 

@@ -11,8 +11,9 @@ grad_accum=1 compute, and nothing random is carried from one step to the next: a
 model, optimizer, EMA, lr schedule, progress and sampler position, but no RNG state (python ``random`` and
 numpy's global RNG are not used at all; tests/test_resume_mid.py checks a resume is bit-identical).
 
-Mid-training makes its pairs through engine/pipeline.py: in line (``mid.pipeline=serial``) or in a background
-thread running ahead of the student (``thread``), with the same pairs and losses either way.
+Mid-training makes its pairs through engine/pipeline.py: in line (``mid.pipeline=serial``), in a background
+thread running ahead of the student (``thread``), or on dedicated teacher ranks (``teacher_ranks``, see
+init_teacher_ranks), with the same pairs and losses either way.
 ZeRO-3 shards the parameters: the EMA update gathers them (deepspeed.zero.GatheredParameters), and the
 EMA is exported through a copy of the network taken before DeepSpeed partitioned it.
 """
@@ -35,9 +36,10 @@ from typing import Iterator
 import torch
 
 from engine.config import Config, ConfigError, save_config, to_dict
-from engine.data import InfiniteSampler, build_dataset
+from engine.data import InfiniteSampler, build_training_data
 from engine.export import export_network
-from engine.pipeline import MicroJob, SerialProducer, ThreadedProducer
+from engine.pipeline import (MSG_START, MicroJob, RemoteProducer, SerialProducer, ThreadedProducer, recv_message,
+                             send_message, serve_pairs)
 from engine.stages import build_stage
 from kernels import dispatch as kernel_dispatch
 
@@ -69,6 +71,51 @@ def init_distributed() -> tuple[int, int]:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+@dataclass
+class Placement:
+    """Where this process sits when mid.pipeline=teacher_ranks splits the launched world."""
+    role: str          # "student" or "teacher"
+    rank: int          # global rank: students are 0..students-1, teachers students..world-1
+    students: int
+    teachers: int
+    pairs: object      # gloo process group over all launched ranks, for the pairs (point to point only)
+
+
+def init_teacher_ranks(teachers: int) -> Placement:
+    """Split the launched world (torchrun's RANK/WORLD_SIZE) into student ranks and ``teachers`` teacher ranks.
+
+    The student ranks form torch.distributed's default group, so DeepSpeed (which calls barriers on the
+    default group, e.g. in save_checkpoint) and the trainer's own collectives see the students only, and
+    RANK/WORLD_SIZE are rewritten to the student world. Teacher ranks join no default group. All ranks join
+    a separate gloo group for the pairs (engine/pipeline.py). Both come from one env:// rendezvous store.
+    """
+    import datetime
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if not 1 <= teachers < world:
+        raise ConfigError(f"mid.pipeline=teacher_ranks with mid.teacher_ranks={teachers} needs at least "
+                          f"{teachers + 1} launched processes and one of them a student, got {world}: launch more "
+                          "(torchrun --nproc_per_node) or use mid.pipeline=thread")
+    if torch.distributed.is_initialized():
+        raise RuntimeError("mid.pipeline=teacher_ranks must split the world before torch.distributed starts")
+    store, _, _ = next(torch.distributed.rendezvous("env://", rank=rank, world_size=world))
+    students = world - teachers
+    pairs = torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("cmt-pairs/", store), rank, world,
+                                               datetime.timedelta(minutes=30))
+    if rank >= students:
+        return Placement("teacher", rank, students, teachers, pairs)
+    import deepspeed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(students))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore("cmt-students/", store),
+                                         rank=rank, world_size=students)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)   # adopts the student group
+    return Placement("student", rank, students, teachers, pairs)
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -116,6 +163,8 @@ def check_scale_out(cfg: Config, stage_name: str) -> None:
     if stage_name == "mid" and cfg.mid.pipeline_depth < 1:
         raise ConfigError(f"mid.pipeline_depth={cfg.mid.pipeline_depth}: the producer must be allowed at least "
                           "one micro-batch ahead, set it to 1 or more")
+    if stage_name == "mid" and cfg.mid.pipeline == "teacher_ranks" and cfg.mid.teacher_ranks < 1:
+        raise ConfigError(f"mid.teacher_ranks={cfg.mid.teacher_ranks}: mid.pipeline=teacher_ranks needs 1 or more")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,8 +233,8 @@ class Progress:
 
 CHANGEABLE_ON_RESUME = {"train.total_kimg", "train.progress", "train.checkpoint_every_kimg",
                         "train.log_every_kimg", "train.snapshot_every_kimg", "train.keep_checkpoints",
-                        "sample", "eval",
-                        "mid.pipeline", "mid.pipeline_depth"}   # where pairs are made, not which
+                        "sample", "eval", "data.loader",   # torch and dali give the same batches
+                        "mid.pipeline", "mid.pipeline_depth", "mid.teacher_ranks"}   # where pairs are made, not which
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -217,18 +266,34 @@ class Trainer:
         self.cfg, self.stage_name, self.run_dir = cfg, stage_name, Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         # Data and stage first: a bad path or an unimplemented stage fails before distributed start-up.
-        self.dataset = build_dataset(cfg.data.source, cfg.data.path, resolution=cfg.data.resolution,
-                                     channels=cfg.data.channels, split="train", layout=cfg.data.layout,
-                                     labels_path=cfg.data.labels_path)
+        # data.loader=torch: decoded into memory here; dali: decoded per batch, each rank only its slice (_collate).
+        self.dataset = build_training_data(cfg.data)
         for op, impl in dataclasses.asdict(cfg.kernels).items():
             kernel_dispatch.set_policy(op, impl)
         check_scale_out(cfg, stage_name)
         torch.manual_seed(cfg.train.seed)   # the initial weights are fixed by the seed
         self.stage = build_stage(stage_name, cfg)
-        self.rank, self.world = init_distributed()
+        self.placement = None
+        if stage_name == "mid" and cfg.mid.pipeline == "teacher_ranks":
+            self.placement = init_teacher_ranks(cfg.mid.teacher_ranks)
+            self.rank, self.world = self.placement.rank, self.placement.students   # world: the student ranks
+        else:
+            self.rank, self.world = init_distributed()
         self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
             else torch.device("cpu")
+        # A dedicated teacher rank only rolls the teacher out: no DeepSpeed, optimizer, EMA, checkpoints or logs.
+        self.teacher_rank = self.placement is not None and self.placement.role == "teacher"
+        if not self.teacher_rank:
+            self._init_student()
+        # Every rank draws the same global batch and keeps its slice, so the data stream is fixed by the seed.
+        self.sampler = InfiniteSampler(len(self.dataset), cfg.train.batch_size // cfg.train.grad_accum,
+                                       seed=cfg.train.seed, random_flip=cfg.data.xflip)
+        self.progress = Progress()
+        self._zero0_grad_norm: float | None = None
 
+    def _init_student(self) -> None:
+        """The student side: DeepSpeed engine, optimizer, lr schedule and EMA (not on a teacher rank)."""
+        cfg = self.cfg
         import deepspeed
 
         model = self.stage.model.to(self.device)
@@ -242,11 +307,6 @@ class Trainer:
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        # Every rank draws the same global batch and keeps its slice, so the data stream is fixed by the seed.
-        self.sampler = InfiniteSampler(len(self.dataset), cfg.train.batch_size // cfg.train.grad_accum,
-                                       seed=cfg.train.seed, random_flip=cfg.data.xflip)
-        self.progress = Progress()
-        self._zero0_grad_norm: float | None = None
         # Weights a network renormalises itself (EDM2's forced weight normalisation), see _renormalize_masters.
         self._forced_norm = [(m.weight, m.normalize_weight) for m in model.modules() if hasattr(m, "normalize_weight")]
 
@@ -311,6 +371,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
+        if self.teacher_rank:
+            return self._serve_pairs()
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             saved = self.run_dir / "config.yaml"
@@ -384,11 +446,12 @@ class Trainer:
         """Whether the stage splits into a teacher side and a student side the producer can overlap."""
         return hasattr(self.stage, "make_pairs") and hasattr(self.stage, "pair_loss")
 
-    def _jobs(self) -> Iterator[MicroJob]:
+    def _jobs(self, collate: bool = True) -> Iterator[MicroJob]:
         """Every micro-step of this rank from the current position on, in training order.
 
         Drawn from a copy of the sampler: a producer running ahead must not move the position that a
         checkpoint records (the trainer adopts each job's position when it consumes the job).
+        ``collate=False``: without the batch (a teacher rank makes the pairs, from its own copy).
         """
         t = self.cfg.train
         sampler = copy.deepcopy(self.sampler)
@@ -396,7 +459,8 @@ class Trainer:
         step = self.progress.step
         while True:
             for m in range(t.grad_accum):
-                batch = self._collate(next(sampler), micro)
+                sampled = next(sampler)
+                batch = self._collate(sampled, micro) if collate else None
                 yield MicroJob(step=step, micro=m, seed=step_seed(t.seed, step, m * self.world + self.rank),
                                batch=batch, sampler_state=sampler.state_dict())
             step += 1
@@ -409,7 +473,62 @@ class Trainer:
             job.batch, torch.Generator(self.device).manual_seed(job.seed), count=False)
         if self.cfg.mid.pipeline == "thread":
             return ThreadedProducer(self._jobs(), make, depth=self.cfg.mid.pipeline_depth, device=self.device)
+        if self.placement is not None:
+            return self._receive_pairs()
         return SerialProducer(self._jobs(), make)
+
+    # -- dedicated teacher ranks (mid.pipeline=teacher_ranks) ---------------------------------------------
+    def _receive_pairs(self) -> RemoteProducer:
+        """Student rank: tell the teacher ranks where training starts, then take the pairs they send."""
+        from engine.rollout import TrajectoryPairs
+
+        p = self.placement
+        if self.rank == 0:    # the resumed position (or the start): the teacher ranks hold no checkpoint
+            start = {"step": self.progress.step, "nimg": self.progress.nimg, "sampler": self.sampler.state_dict()}
+            for teacher in range(p.students, p.students + p.teachers):
+                for work, _ in send_message(p.pairs, teacher, MSG_START, start):
+                    work.wait()
+        return RemoteProducer(self._jobs(collate=False), p.pairs, src=p.students + self.rank % p.teachers,
+                              build=TrajectoryPairs, device=self.device)
+
+    def _serve_pairs(self) -> Path:
+        """Teacher rank: make and send the pairs of each job of the student ranks it serves until training ends.
+
+        Student rank r's micro-step m of step s gets exactly what it would make serially: the pairs of its
+        slice of the batch, from the generator step_seed(seed, s, m·S + r).
+        """
+        p, t = self.placement, self.cfg.train
+        kind, start, _ = recv_message(p.pairs, 0)
+        if kind != MSG_START:
+            raise RuntimeError(f"teacher rank {self.rank}: expected the start message from student rank 0, "
+                               f"got message kind {kind}")
+        self.progress = Progress(step=start["step"], nimg=start["nimg"])
+        self.sampler.load_state_dict(start["sampler"])
+        steps = max(0, math.ceil((int(t.total_kimg * 1000) - self.progress.nimg) / t.batch_size))
+        students = [r for r in range(p.students) if r % p.teachers == self.rank - p.students]
+        micro = t.batch_size // (p.students * t.grad_accum)
+
+        def plan():
+            sampler = copy.deepcopy(self.sampler)
+            for step in range(self.progress.step, self.progress.step + steps):
+                for m in range(t.grad_accum):
+                    sampled = next(sampler)
+                    for r in students:
+                        yield r, MicroJob(step=step, micro=m, seed=step_seed(t.seed, step, m * p.students + r),
+                                          batch=self._slice_for(sampled, micro, r), sampler_state={})
+
+        make = lambda job: self.stage.make_pairs(       # noqa: E731 - counted by the student that uses them
+            job.batch, torch.Generator(self.device).manual_seed(job.seed), count=False)
+        serve_pairs(p.pairs, plan(), make, depth=self.cfg.mid.pipeline_depth, students=students)
+        return self.run_dir / "export"
+
+    def _slice_for(self, sampled, micro: int, rank: int) -> dict:
+        """Student rank ``rank``'s slice of a sampled batch, collated as that rank would (_collate)."""
+        own, self.rank = self.rank, rank
+        try:
+            return self._collate(sampled, micro)
+        finally:
+            self.rank = own
 
     def _micro_step(self, item) -> torch.Tensor:
         """Forward, backward and (at the accumulation boundary) the optimizer step for one job."""

@@ -270,3 +270,28 @@ def test_random_flip_mirrors_chosen_images():
 def test_image_dataset_checks_label_count():
     with pytest.raises(DataError, match="3 labels for 2 images"):
         ImageDataset(torch.zeros(2, 1, 4, 4), torch.zeros(3))
+
+
+# --- data.on_corrupt ---
+
+def test_on_corrupt_skip_uses_the_next_readable_file_and_counts(tmp_path, capsys):
+    pixels = [np.full((16, 16), 10 * i, np.uint8) for i in range(5)]
+    with zipfile.ZipFile(tmp_path / "mixed.zip", "w") as handle:
+        for i, value in enumerate(pixels):
+            _write_png(tmp_path / f"p{i}.png", value)
+            handle.write(tmp_path / f"p{i}.png", f"x/p{i}.png")
+        handle.writestr("x/p1b.png", b"garbage")           # sorts between p1 and p2
+        handle.writestr("x/p4b.png", b"garbage")           # last: wraps round to the first readable file
+    _raises_data_error("mixed.zip:x/p1b.png cannot be read", source="zip", path=str(tmp_path / "mixed.zip"))
+    data = build_dataset("zip", str(tmp_path / "mixed.zip"), on_corrupt="skip")
+    assert len(data) == 7 and [s.split(":")[-1] for s in data.skipped] == ["x/p1b.png", "x/p4b.png"]
+    expected = [pixels[i] for i in (0, 1, 2, 2, 3, 4, 0)]
+    assert torch.equal(data.images[:, 0], torch.from_numpy(np.stack(expected)).float() / 127.5 - 1)
+    assert "2 skipped" in capsys.readouterr().err
+    # Wrong sizes are a config error, not corruption: they fail under skip too.
+    _write_png(tmp_path / "sized" / "big.png", np.zeros((32, 32), np.uint8))
+    _raises_data_error("big.png is 32×32", source="folder", path=str(tmp_path / "sized"), on_corrupt="skip")
+    (tmp_path / "allbad").mkdir()
+    (tmp_path / "allbad" / "a.png").write_bytes(b"nope")
+    _raises_data_error("unreadable", source="folder", path=str(tmp_path / "allbad"), on_corrupt="skip")
+    _raises_data_error("data.on_corrupt 'ignore'", source="digits", on_corrupt="ignore")
