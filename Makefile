@@ -24,7 +24,7 @@ $(STAMP): setup.py Makefile $(CSRC)
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -v --no-build-isolation -e '.[dev,dali]' 2>&1 | grep -E '^cmt:|nvcc|c\+\+ |[Ee]rror|Successfully installed'
-	$(PY) -c "import kernels._C, kernels._cuda; print('cmt: imported kernels._C and kernels._cuda')"
+	$(PY) -c "import torch, kernels._C, kernels._cuda; print('cmt: imported kernels._C and kernels._cuda')"
 	$(PY) -c "from engine.trainer import init_distributed; init_distributed()"
 	touch $(STAMP)
 
