@@ -93,9 +93,12 @@ def test_use_r_student_starts_as_its_source_for_every_r():
         student(z, t)
 
 
-@pytest.mark.parametrize("zero", [1, 3])
+@pytest.mark.parametrize("zero", [1])
 def test_forced_weight_normalisation_reaches_deepspeeds_master_weights(tmp_path, zero):
-    """Under ZeRO the optimizer's fp32 copy is written back after each step; it must stay normalised."""
+    """Under ZeRO the optimizer's fp32 copy is written back after each step; it must stay normalised.
+
+    In-process, ZeRO 1 only: a ZeRO-3 engine replaces torch.nn.functional.linear process-wide (DeepSpeed's
+    LinearFunctionForZeroStage3, which has no jvp), breaking every later test in the process."""
     import numpy as np
     from deepspeed.utils import safe_get_full_fp32_param
 
