@@ -15,8 +15,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from engine.config import load_config
-from engine.trainer import Trainer
 from test_mid import export_teacher, tiny_cfg
 from test_train import ROOT, TINY, train
 
@@ -55,10 +53,9 @@ def test_mid_training_resumes_exactly_after_sigkill(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed" in again.stderr
 
-    # The uninterrupted run in this process (saves a start-up). Last: an in-process run leaves its rendezvous
-    # in os.environ, which a CLI subprocess started after it would inherit.
-    overrides = [*TINY, *mid, "mid.pipeline=serial"]
-    Trainer(load_config(ROOT / "configs" / "digits.yaml", overrides), "mid", tmp_path / "full").fit()
+    # The uninterrupted run, also in a fresh process: an in-process run inherits what earlier tests left.
+    full = train(tmp_path / "full", *mid, "mid.pipeline=serial", stage="mid")
+    assert full.returncode == 0, full.stderr[-2000:]
 
     a = load_file(str(tmp_path / "full" / "export" / "network.safetensors"))
     b = load_file(str(tmp_path / "killed" / "export" / "network.safetensors"))
