@@ -25,13 +25,13 @@ $(STAMP): setup.py Makefile $(CSRC)
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(PY) -m pip install -v --no-build-isolation -e '.[dev,dali]' 2>&1 | grep -E '^cmt:|nvcc|c\+\+ |[Ee]rror|Successfully installed'
 	$(PY) -c "import torch, kernels._C, kernels._cuda; print('cmt: imported kernels._C and kernels._cuda')"
-	$(PY) -c "from engine.trainer import init_distributed; init_distributed()"
+	$(PY) -c "from engine.trainer.distributed import init_distributed; init_distributed()"
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m engine.demo --out $(RUN)
+	$(PY) -m engine.cli.demo --out $(RUN)
 
-# The initialisation ablation (issue #3): needs the demo's teacher; ~30 min on 2 cores.
+# The initialisation ablation (paper §4.3 at small scale): needs the demo's teacher; ~30 min on 2 cores.
 claims: setup
 	test -f $(RUN)/pre/export/network.safetensors || $(PY) engine/train.py --stage pre --config configs/digits.yaml --run-dir $(RUN)/pre
 	$(PY) -m benchmarks.claims --teacher $(RUN)/pre --out benchmarks/results/claims

@@ -133,6 +133,17 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": [
+        "cmt-train = engine.cli.train:main",
+        "cmt-sample = engine.cli.sample:main",
+        "cmt-evaluate = engine.cli.evaluate:main",
+        "cmt-plan = engine.cli.plan:main",
+        "cmt-plot = engine.cli.plot:main",
+        "cmt-demo = engine.cli.demo:main",
+        "cmt-latents = engine.cli.latents:main",
+        "cmt-import-weights = engine.cli.import_weights:main",
+        "cmt-train-feature-net = engine.cli.train_feature_net:main",
+    ]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

@@ -32,16 +32,15 @@ FORMS = {
 
 
 def train(stage: str, config: str, run_dir: Path, overrides: list[str]) -> None:
-    from engine.config import load_config
-    from engine.trainer import Trainer
+    from engine.cli.train import train as train_stage
 
-    Trainer(load_config(ROOT / "configs" / config, ["train.progress=false", *overrides]), stage, run_dir).fit()
+    train_stage(stage, ROOT / "configs" / config, run_dir, ["train.progress=false", *overrides])
 
 
 def score_snapshots(run_dir: Path, num_samples: int) -> list[dict]:
-    from engine.evaluate import report
-    from engine.export import load_exported
-    from engine.metrics import METRIC_NAME
+    from engine.eval.frechet import METRIC_NAME
+    from engine.eval.report import report
+    from engine.models.weights import load_exported
 
     rows = []
     for snap in sorted((run_dir / "snapshots").glob("kimg-*")):

@@ -1,5 +1,5 @@
 """Cost per training pair: CMT vs consistency training (CT), consistency distillation (CD-Euler,
-CD-Heun) and Slow CMT (SPEC §8, paper App. C), counted while they run and timed in one run.
+CD-Heun) and Slow CMT (docs/method.md §8, paper App. C), counted while they run and timed in one run.
 
     python -m benchmarks.cost_per_pair --out benchmarks/results/cost_per_pair [--teacher runs/pre]
 
@@ -40,9 +40,9 @@ def random_teacher(out_dir: Path) -> Path:
     """Export a randomly initialised EDM teacher of the digits architecture (for timing and counting)."""
     import torch
 
-    from engine.build import build_raw_network
     from engine.config import load_config
-    from engine.export import export_network
+    from engine.models.factory import build_raw_network
+    from engine.models.weights import export_network
 
     cfg = load_config(ROOT / "configs" / "digits.yaml")
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-import kernels.feature_distance as fd
+import kernels.perceptual as fd
 from benchmarks.counting import count_eager
 from kernels import dispatch
 

@@ -35,7 +35,7 @@ from kernels.dpm_solver_step import dpm_solver_pp_step, dpm_solver_step_torch
 
 SHAPE = (64, 4, 64, 64)
 N_SLOTS = 16
-# An order-k step of the N=16 λ-uniform CMT grid (engine.solvers.dpm_solver_pp_coefficients, rounded).
+# An order-k step of the N=16 λ-uniform CMT grid (engine.formulas.dpm_solver.dpm_solver_pp_coefficients, rounded).
 COEFFS = {1: (0.829, 0.171, 0.0, 0.0), 2: (0.829, 0.52, -0.349, 0.0), 3: (0.829, 1.63, -1.12, 0.661)}
 FIELDS = ["impl", "dtype", "order", "slot", "launches", "bytes_read", "bytes_written",
           "read_passes", "write_passes", "total_passes", "ops"]

@@ -80,7 +80,7 @@ def _jvp_call(B, H, N, d, dtype, requires_grad):
     import torch
 
     from kernels import dispatch
-    from kernels.jvp_attention import jvp_attention
+    from kernels.attention import jvp_attention
 
     g = torch.Generator().manual_seed(0)
     dt = getattr(torch, dtype)

@@ -6,7 +6,7 @@ What is timed is the trainer's micro-step as engine/trainer.py runs it, without 
 nothing to overlap): rollout (``make_pairs``), student forward and loss (``pair_loss``), backward and an
 Adam step, on configs/digits_cmt.yaml (16×16 digits, a 1.1M-parameter U-Net teacher and student, 128 pairs =
 8 trajectories × 16 DPM-Solver++ states, the feature distance). ``serial`` makes the pairs in the training
-thread (mid.pipeline=serial), ``thread`` in engine.pipeline.ThreadedProducer (mid.pipeline=thread).
+thread (mid.pipeline=serial), ``thread`` in engine.trainer.producers.ThreadedProducer (mid.pipeline=thread).
 
 The two workers are the two cores of this machine: torch runs one thread per Python thread
 (torch.set_num_threads(1)), so serial uses one core and the pipeline two. Rounds alternate the modes in
@@ -51,9 +51,10 @@ def main(argv=None) -> int:
 
     from benchmarks.cost_per_pair import random_teacher
     from engine.config import load_config
-    from engine.pipeline import MicroJob, SerialProducer, ThreadedProducer
     from engine.stages.mid import MidTraining
-    from engine.trainer import build_optimizer, step_seed
+    from engine.trainer.batches import MicroJob, step_seed
+    from engine.trainer.optim import build_optimizer
+    from engine.trainer.producers import SerialProducer, ThreadedProducer, preparer
 
     torch.set_num_threads(1)   # one core per worker: the training thread, and the producer thread
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, [*args.overrides, f"mid.teacher={teacher}"])
         torch.manual_seed(cfg.train.seed)
         stage = MidTraining(cfg)
-        optimizer = build_optimizer(cfg, stage.model.parameters())
+        optimizer = build_optimizer(cfg.optim, stage.model.parameters())
         pairs_per_step = cfg.train.batch_size
         shape = (pairs_per_step, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
 
@@ -69,14 +70,13 @@ def main(argv=None) -> int:
             for k in itertools.count():
                 g = torch.Generator().manual_seed(k)
                 yield MicroJob(step=k, micro=0, seed=step_seed(cfg.train.seed, k, 0),
-                               batch={"images": torch.rand(shape, generator=g) * 2 - 1}, sampler_state={})
+                               batch={"images": torch.rand(shape, generator=g) * 2 - 1})
 
-        def make(job):
-            return stage.make_pairs(job.batch, torch.Generator().manual_seed(job.seed), count=False)
+        make = preparer(stage, torch.device("cpu"))
 
         def student(item):
             torch.manual_seed(item.job.seed ^ 1)
-            loss = stage.pair_loss(stage.model, item.pairs)
+            loss = stage.loss(stage.model, item.prepared)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -3,14 +3,16 @@
     python -m benchmarks.profile --stage mid --config configs/digits_cmt.yaml --set mid.teacher=runs/pre
     python -m benchmarks.profile --stage post --config configs/digits_ect.yaml --set post.init=random --trace traces/
 
-Builds the stage and its DeepSpeed engine exactly as ``engine/train.py`` does (no checkpoints are
-written), then runs ``--warmup`` + ``--iters`` training iterations, timing each phase on its own:
+Builds the stage and its DeepSpeed engine exactly as ``engine/train.py`` does (engine.trainer.Trainer; no
+checkpoints are written), then runs ``--warmup`` + ``--iters`` training iterations, timing each phase on its own:
 
   data             sampling indices and gathering this rank's batch onto the device
   teacher          the frozen teacher's forwards (rollout for mid, ECD's ODE step for post); also given
                    per teacher call (= per solver step: one batched call per step)
-  rollout_other    the rest of pair construction: solver updates, pair assembly (mid only)
-  student_forward  student forward(s) and the loss (ECT's no-grad target forward included)
+  rollout_other    the rest of pair construction: solver updates, pair assembly (the stage's ``prepare``,
+                   for stages with a pipeline: mid)
+  student_forward  student forward(s) and the loss (ECT's no-grad target forward included; ``prepare`` too
+                   for pre and post)
   backward         ``engine.backward`` (gradient all-reduce / reduce-scatter happens here on >1 ranks)
   optimizer        ``engine.step`` (ZeRO's parameter all-gather happens here on >1 ranks)
   ema              the EMA update
@@ -39,6 +41,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+from engine.cli import entry_point
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("data", "teacher", "rollout_other", "student_forward", "backward", "optimizer", "ema")
@@ -174,19 +178,19 @@ class StageProfiler:
         self.stage_name, self.name = stage, f"{stage}:{Path(config).stem}"
         self.trainer = Trainer(self.cfg, stage, run_dir)
         self.stage = self.trainer.stage
-        self.clock = PhaseClock(self.trainer.device)
+        self.device = self.trainer.world.device
+        self.clock = PhaseClock(self.device)
         teacher = getattr(self.stage, "teacher", None)
         if teacher is not None:
             self.clock.watch_teacher(teacher)
         self.work = WorkCounter(self.stage.model, teacher)
-        t = self.cfg.train
-        self.micro = t.batch_size // (self.trainer.world * t.grad_accum)
         self.iterations: list[dict[str, float]] = []
         self.step = 0
 
     def iteration(self) -> dict[str, float]:
         """One optimiser step (grad_accum micro-steps); returns its seconds per phase."""
         tr, clock, t = self.trainer, self.clock, self.cfg.train
+        engine = tr.student.engine
         clock.seconds.clear()
         calls_before = clock.teacher_calls
         work_before = dict(self.work.counts)
@@ -194,24 +198,20 @@ class StageProfiler:
         for micro_step in range(t.grad_accum):
             seed = (t.seed * 1_000_003 + self.step * t.grad_accum + micro_step) % 2**63
             torch.manual_seed(seed ^ 1)
-            generator = torch.Generator(tr.device).manual_seed(seed)
+            generator = torch.Generator(self.device).manual_seed(seed)
             with clock.phase("data"):
-                batch = tr._collate(next(tr.sampler), self.micro)
-            if self.stage_name == "mid":
-                with clock.phase("rollout_other"):
-                    pairs = self.stage.make_pairs(batch, generator)
-                with clock.phase("student_forward"):
-                    loss = self.stage.pair_loss(tr.engine, pairs)
-            else:
-                with clock.phase("student_forward"):
-                    loss = self.stage.loss(tr.engine, batch, generator)
+                batch = tr.batches.batch(self.step, micro_step * tr.world.students + tr.world.rank)
+            with clock.phase("rollout_other" if self.stage.pipeline is not None else "student_forward"):
+                prepared = self.stage.prepare(batch, generator)
+            with clock.phase("student_forward"):
+                loss = self.stage.loss(engine, prepared)
             with clock.phase("backward"):
-                tr.engine.backward(loss)
+                engine.backward(loss)
             with clock.phase("optimizer"):
-                tr.engine.step()
+                engine.step()
         self.step += 1
         with clock.phase("ema"):
-            tr.ema.update(self.stage.model, self.step)
+            tr.student.update_ema(self.step)
         row = {p: clock.seconds.get(p, 0.0) for p in PHASES}
         row["total"] = time.perf_counter() - start
         row["teacher_calls"] = clock.teacher_calls - calls_before
@@ -235,7 +235,7 @@ class StageProfiler:
     def rows(self) -> list[dict]:
         from kernels import dispatch
 
-        device = self.trainer.device
+        device = self.device
         impl = ";".join(f"{op}={dispatch.last_implementation(op)}" for op in dispatch.OPS
                         if dispatch.last_implementation(op)) or "torch-only"
         common = {"name": self.name, "implementation": impl, "device": _device_name(device),
@@ -266,6 +266,7 @@ def _device_name(device: torch.device) -> str:
     return f"cpu-{torch.get_num_threads()}threads"
 
 
+@entry_point
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", required=True, choices=("pre", "mid", "post"))
@@ -278,16 +279,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.iters < 1:
         p.error("--iters must be at least 1")
-    from engine.config import ConfigError
-    from engine.data import DataError
-
-    try:
-        with tempfile.TemporaryDirectory() as run_dir:
-            prof = StageProfiler(args.stage, args.config, args.overrides, run_dir)
-            prof.run(args.warmup, args.iters, Path(args.trace) if args.trace else None)
-    except (ConfigError, DataError, NotImplementedError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with tempfile.TemporaryDirectory() as run_dir:
+        prof = StageProfiler(args.stage, args.config, args.overrides, run_dir)
+        prof.run(args.warmup, args.iters, Path(args.trace) if args.trace else None)
     rows = prof.rows()
     append_rows(Path(args.csv), rows)
     width = max(len(r["metric"]) for r in rows)

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             table = list(csv.DictReader(f))
         meta = json.loads((res / "cost_per_pair" / "cost_per_pair.json").read_text())
         plot_cost(table, res / "cost_per_pair.png")
-        lines += ["## Cost per training pair (SPEC §8)", "",
+        lines += ["## Cost per training pair (docs/method.md §8)", "",
                   f"`python -m benchmarks.cost_per_pair` — {meta['device']}, {meta['rounds']} interleaved "
                   f"iterations per method, teacher: {meta['teacher']}. Work is counted by hooks on the modules "
                   "while they run; time is the median iteration relative to CMT's.", "",

@@ -3,6 +3,10 @@
 Every section is a dataclass; `load_config` maps YAML (plus `--set a.b=value` overrides) onto it and
 rejects unknown keys, wrong types and values outside a `Literal` with a one-line message that names the
 key and the valid choices, so a typo never silently falls back to a default.
+
+A field (or a whole section) built with :func:`may_change_on_resume` may differ when a run dir is
+resumed: it changes how or how long a run goes, not what it computes. Every other field is the recipe,
+and the trainer refuses to resume a run dir under a different one.
 """
 from __future__ import annotations
 
@@ -16,9 +20,29 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from engine.errors import ConfigError
+from engine.files import write_text_atomically
 
-class ConfigError(ValueError):
-    """A config file or override that cannot be used as written; the message says what to change."""
+_RESUME = "may_change_on_resume"
+
+
+def may_change_on_resume(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING):
+    """A dataclass field that may differ between a run dir's saved config and the config resuming it."""
+    return field(default=default, default_factory=default_factory, metadata={_RESUME: True})
+
+
+def changeable_on_resume(cls: type = None, prefix: str = "") -> set[str]:
+    """Dotted names of the fields and sections marked with :func:`may_change_on_resume`."""
+    cls = cls or Config
+    out = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if f.metadata.get(_RESUME):
+            out.add(name)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out |= changeable_on_resume(hints[f.name], name + ".")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -33,7 +57,8 @@ class DataConfig:
     resolution: int = 16
     channels: int = 1
     xflip: bool = False
-    loader: Literal["torch", "dali"] = "torch"   # dali: NVIDIA DALI decodes each batch (pip install -e '.[dali]')
+    # dali: NVIDIA DALI decodes each batch (pip install -e '.[dali]'); both loaders give the same batches
+    loader: Literal["torch", "dali"] = may_change_on_resume("torch")
     on_corrupt: Literal["fail", "skip"] = "fail"  # skip: an unreadable file stands in for the next readable one
 
 
@@ -77,7 +102,7 @@ class NetworkConfig:
 
 @dataclass
 class ModelConfig:
-    """The parameterisation wrapped around the raw network (SPEC §2 and §5)."""
+    """The parameterisation wrapped around the raw network (docs/method.md §2, §5)."""
     kind: Literal["edm", "flow"] = "edm"
     sigma_data: float = 0.5
     sigma_min: float = 0.002
@@ -97,7 +122,7 @@ class PreConfig:
 
 @dataclass
 class MidConfig:
-    """CMT mid-training (SPEC §4 consistency form, §5 MeanFlow form) and its ablation baselines."""
+    """CMT mid-training (paper §3.2 consistency form, §3.3 MeanFlow form) and its ablation baselines."""
     form: Literal["consistency", "meanflow"] = "consistency"
     method: Literal["cmt", "kd", "slow_cmt"] = "cmt"   # kd: only (x_T -> end); slow_cmt: one solve per pair
     teacher: Optional[str] = None        # run dir (or export dir) of the pre-trained teacher; required
@@ -109,19 +134,19 @@ class MidConfig:
     data_start: bool = False             # x_T = x_0 + sigma_max*eps (authors' code) instead of sigma_max*eps
     loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
     feature_net: Optional[str] = None    # weights of the perceptual network for lpips / elatentlpips
-    cfg_scale: float = 1.0               # must match across the three stages (SPEC §5)
-    pipeline: Literal["serial", "thread", "teacher_ranks"] = "serial"   # thread: roll the teacher out ahead
-                                         # of the student; teacher_ranks: on mid.teacher_ranks dedicated ranks
-                                         # (engine/pipeline.py); same pairs and losses as serial. Not "off":
-                                         # YAML reads a bare off as false
-    pipeline_depth: int = 2              # micro-batches of pairs the producer may hold ready (>= 1)
-    teacher_ranks: int = 1               # mid.pipeline=teacher_ranks: how many of the launched ranks only
-                                         # roll the teacher out (the others train the student)
+    cfg_scale: float = 1.0               # must match across the three stages (docs/method.md §5)
+    # Where the pairs are made, not which (the same pairs and losses either way): serial = in line; thread =
+    # ahead of the student in a background thread; teacher_ranks = on mid.teacher_ranks dedicated ranks
+    # (docs/scale-out.md). Not "off": YAML reads a bare off as false.
+    pipeline: Literal["serial", "thread", "teacher_ranks"] = may_change_on_resume("serial")
+    pipeline_depth: int = may_change_on_resume(2)   # micro-batches of pairs the producer may hold ready (>= 1)
+    teacher_ranks: int = may_change_on_resume(1)    # mid.pipeline=teacher_ranks: how many of the launched
+                                                    # ranks only roll the teacher out
 
 
 @dataclass
 class PostConfig:
-    """Post-training of the flow map (SPEC §6): ECT, ECD (teacher ODE step) or MeanFlow."""
+    """Post-training of the flow map (paper §2.2, docs/method.md §6): ECT, ECD (teacher ODE step) or MeanFlow."""
     method: Literal["ect", "ecd", "meanflow"] = "ect"
     init: Literal["mid", "teacher", "random"] = "mid"
     init_from: Optional[str] = None      # run dir of the mid-training run (init=mid) or the teacher (init=teacher)
@@ -158,19 +183,20 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 128         # global batch, in images (pairs for mid-training)
-    total_kimg: float = 200.0     # progress is counted in images, as in EDM
+    total_kimg: float = may_change_on_resume(200.0)   # progress is counted in images, as in EDM
     seed: int = 0
     ema_beta: float = 0.999
     ema_warmup: bool = True       # beta_t = min(beta, (1+s)/(10+s)): without it EMA lags at small step counts
-    checkpoint_every_kimg: float = 25.0
-    keep_checkpoints: int = 2
-    log_every_kimg: float = 2.0
-    snapshot_every_kimg: float = 0.0   # also export the EMA net to snapshots/kimg-XXXXXX.X/ this often; 0 = off
+    checkpoint_every_kimg: float = may_change_on_resume(25.0)
+    keep_checkpoints: int = may_change_on_resume(2)
+    log_every_kimg: float = may_change_on_resume(2.0)
+    # also export the EMA net to snapshots/kimg-XXXXXX.X/ this often; 0 = off
+    snapshot_every_kimg: float = may_change_on_resume(0.0)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_accum: int = 1
     deepspeed_config: Optional[str] = None   # a JSON file; overrides zero_stage / precision / grad_accum
-    progress: bool = True
+    progress: bool = may_change_on_resume(True)
 
 
 @dataclass
@@ -179,7 +205,7 @@ class SampleConfig:
     steps: int = 16
     order: Literal[1, 2, 3] = 3
     num_images: int = 100         # grid size: a square number looks best
-    t_mid: float = 0.77569        # consistency 2-step sampling: re-noise to this sigma (t_7 of the N=16 grid)
+    t_mid: float = 0.77569        # consistency 2-step sampling: re-noise to this σ (t_7 of the λ-uniform N=16 grid)
     batch_size: int = 250
 
 
@@ -210,8 +236,8 @@ class Config:
     post: PostConfig = field(default_factory=PostConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = may_change_on_resume(default_factory=SampleConfig)
+    eval: EvalConfig = may_change_on_resume(default_factory=EvalConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
@@ -336,4 +362,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomically(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def read_saved_config(path: str | Path) -> Config:
+    """A config.yaml this engine wrote (a run dir's or an export's), validated like any other."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"'{path}' is not valid YAML ({str(exc).splitlines()[0]}): restore it or use a "
+                          "new --run-dir") from None
+    return from_dict(Config, raw or {})

@@ -5,7 +5,7 @@ state and the last k denoiser outputs once its φ-function coefficients are expa
 float64, where their cancellations are harmless). Eager PyTorch evaluates that combination as a chain of
 casts, multiplies and adds, each a kernel launch that reads and writes a whole tensor; the fused step reads
 each input once and writes each output once — k + 1 reads and one write (two with the trajectory-slot
-store). A CMT rollout (SPEC §4) runs N such steps per batch of trajectories and keeps every state, so the
+store). A CMT rollout (CMT paper Eq. 7) runs N such steps per batch of trajectories and keeps every state, so the
 kernel can also store x_next a second time straight into a preallocated pair/trajectory buffer slot.
 
 Layers (Liger-Kernel style), each usable on its own:

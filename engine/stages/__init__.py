@@ -1,23 +1,24 @@
-"""Training stages: each turns a batch into a loss and knows nothing of DeepSpeed or files.
-
-A stage owns `model` (the module the trainer optimises and keeps an EMA of) and implements
-`loss(model, batch, generator)`, where `model` is whatever callable the trainer hands it (the DeepSpeed
-engine wrapping `stage.model`), `batch` a dict with "images" and optional "labels", and `generator` the
-step's seeded RNG for noise — so a step's randomness is fixed by (seed, step, rank) alone.
+"""Layer 4: the training stages (pre, mid, post), each a :class:`engine.stages.base.Stage`, and the teacher
+side of mid-training (rollouts into pairs). Framework-free: a stage knows no DeepSpeed, files or ranks.
 """
 from __future__ import annotations
 
 from engine.config import Config
+from engine.errors import ConfigError
+from engine.stages.base import Stage
+from engine.stages.mid import MidTraining
+from engine.stages.post import PostTraining
+from engine.stages.pre import PreTraining
+
+STAGES: dict[str, type[Stage]] = {"pre": PreTraining, "mid": MidTraining, "post": PostTraining}
 
 
-def build_stage(name: str, cfg: Config):
-    if name == "pre":
-        from engine.stages.pre import PreTraining
-        return PreTraining(cfg)
-    if name == "mid":
-        from engine.stages.mid import MidTraining
-        return MidTraining(cfg)
-    if name == "post":
-        from engine.stages.post import PostTraining
-        return PostTraining(cfg)
-    raise ValueError(f"unknown stage '{name}': choose pre, mid or post")
+def stage_class(name: str) -> type[Stage]:
+    """The Stage subclass for ``name`` (pre, mid or post)."""
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage '{name}': choose {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def build_stage(name: str, cfg: Config) -> Stage:
+    return stage_class(name)(cfg)

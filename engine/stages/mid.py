@@ -1,18 +1,20 @@
-"""Mid-training: Consistency Mid-Training (CMT, SPEC §4/§5) and its ablation baselines (KD, Slow CMT).
+"""Mid-training: Consistency Mid-Training (CMT; paper §3.2 Eq. 7 and §3.3 Eq. 8) and its ablation baselines
+(KD, Slow CMT; paper §4.3).
 
 A plain regression onto fixed targets made by a frozen teacher's ODE solver: no stop-gradient, no time
-weighting. The work splits in two so the trainer can overlap them (issue #6):
+weighting. The stage protocol's halves (engine/stages/base.py):
 
-- :meth:`MidTraining.make_pairs` — teacher side, no grad: a batch → :class:`engine.rollout.TrajectoryPairs`;
-- :meth:`MidTraining.pair_loss` — student side: forward on the pairs, unit-weight distance, mean over pairs.
+- ``prepare`` — teacher side, no grad: a batch → :class:`engine.stages.pairs.TrajectoryPairs`, drawing only
+  from its generator, so it can run ahead in a thread or on a teacher rank;
+- ``loss`` — student side: forward on the pairs, unit-weight distance, mean over pairs. It adds what the
+  pairs cost to ``counters`` as they are used, so every schedule logs the same counts.
 
-``loss(model, batch, generator) = pair_loss(model, make_pairs(batch, generator))``. The batch's size B is
-the number of pairs; the number of trajectories follows from the method (B/N for consistency CMT).
-Which batch images are used: with ``mid.data_start`` the first B/N images start the B/N trajectories;
-Slow CMT uses all B images (one pair each); otherwise the images are not used (data-free), only their
-labels (the first trajectories' worth) for a class-conditional teacher.
+The batch's size B is the number of pairs; the number of trajectories follows from the method (B/N for
+consistency CMT). Which batch images are used: with ``mid.data_start`` the first B/N images start the B/N
+trajectories; Slow CMT uses all B images (one pair each); otherwise the images are not used (data-free),
+only their labels (the first trajectories' worth) for a class-conditional teacher.
 
-``mid.init=teacher`` starts the student from the teacher's raw weights (engine.build.transfer_weights):
+``mid.init=teacher`` starts the student from the teacher's raw weights (engine.models.weights.transfer_weights):
 a strict copy, or, for a flow-matching teacher and a MeanFlow student (use_r), every key but the
 r-embedding's, whose last layer is zeroed so the student starts as the teacher (as the authors initialise
 MeanFlow from SiT). ``init_report["left_at_init"]`` lists the keys left at init.
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import torch
 
-from engine.build import build_raw_network, load_export, model_kind, transfer_weights, wrap_network
-from engine.config import Config, ConfigError
-from engine.grids import edm_lambda_uniform_sigmas, fm_uniform_times
-from engine.guidance import guided
-from engine.perceptual import build_distance
-from engine.rollout import (CallCounter, TrajectoryPairs, consistency_pairs, kd_pairs, meanflow_pairs,
-                            meanflow_pairs_per_trajectory, slow_cmt_pairs, trajectories_for_pairs)
+from engine.config import Config
+from engine.errors import ConfigError
+from engine.formulas.grids import edm_lambda_uniform_sigmas, fm_uniform_times
+from engine.losses.distances import build_distance
+from engine.models.factory import build_raw_network, model_kind, wrap_network
+from engine.models.weights import load_exported, transfer_weights
+from engine.stages.base import PairCost, Pipeline, Stage
+from engine.stages.pairs import CountedTeacher, TrajectoryPairs
+from engine.stages.rollout import (consistency_pairs, kd_pairs, meanflow_pairs, meanflow_pairs_per_trajectory,
+                                   slow_cmt_pairs, trajectories_for_pairs)
 
 # Teacher samplers each form accepts, by the teacher's kind (what its network computes).
 _SAMPLERS = {
@@ -37,24 +42,43 @@ _SAMPLERS = {
 }
 
 
-class MidTraining:
+def mid_distance(cfg: Config) -> str:
+    """The distance of ``mid.loss``: ``l2`` is the mean squared error (MeanFlow's regression always is)."""
+    return "mean_squared" if cfg.mid.form == "meanflow" or cfg.mid.loss == "l2" else cfg.mid.loss
+
+
+def pairs_per_trajectory(cfg: Config) -> int:
+    mid = cfg.mid
+    if mid.form == "consistency":
+        return {"cmt": mid.solver_steps, "kd": 1, "slow_cmt": 1}[mid.method]
+    return meanflow_pairs_per_trajectory(mid.solver_steps + 1, mid.method == "kd")
+
+
+class MidTraining(Stage):
+    name = "mid"
+    prepared_type = TrajectoryPairs
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         mid = cfg.mid
         self.form, self.method = mid.form, mid.method
         _check_mid_config(cfg)
+        self.pipeline = Pipeline(mid.pipeline, mid.pipeline_depth, mid.teacher_ranks)
         # The student first, so its seeded init does not depend on the teacher (building it draws from
         # the global RNG that the trainer seeded).
         student = build_raw_network(cfg)
         if not mid.teacher:
             raise ConfigError("mid.teacher is not set: set mid.teacher to the pre-training run dir "
                               "(e.g. --set mid.teacher=runs/digits-pre)")
-        teacher_cfg, teacher_net, meta = load_export(mid.teacher, "mid.teacher")
+        teacher_cfg, teacher_net, meta = load_exported(mid.teacher, "mid.teacher")
         self.teacher_cfg = teacher_cfg
         self.teacher_kind = model_kind(teacher_cfg, meta.get("stage", "pre"))
         _check_teacher(cfg, teacher_cfg, self.teacher_kind, mid.teacher)
         # Kept outside self.model: DeepSpeed neither optimises nor checkpoints it.
         self.teacher = wrap_network(teacher_net, teacher_cfg, self.teacher_kind).eval().requires_grad_(False)
+        # A MeanFlow teacher has its guidance trained in (its post.cfg_scale), so it is called as is.
+        scale = 1.0 if self.teacher_kind == "meanflow" else mid.cfg_scale
+        self.counted_teacher = CountedTeacher(self.teacher, scale, teacher_cfg.network.num_classes)
         self.init_report = {"init": mid.init, "left_at_init": []}
         if mid.init == "teacher":   # strict, or an FM teacher -> MeanFlow student starting as the teacher
             self.init_report.update(transfer_weights(student, cfg, teacher_cfg, teacher_net, config_key="mid.teacher",
@@ -63,110 +87,83 @@ class MidTraining:
             self.model = wrap_network(student, cfg, model_kind(cfg, "mid"))
         except ValueError as exc:
             raise ConfigError(f"mid.form={self.form}: {exc} (set network.use_r=true)") from None
-        self.distance = None   # the MeanFlow form regresses velocities with the squared loss
+        self.distance = build_distance(mid_distance(cfg), channels=cfg.data.channels,
+                                       resolution=cfg.data.resolution, feature_net=mid.feature_net,
+                                       config_key="mid.feature_net")
         if self.form == "consistency":
-            self.distance = build_distance(mid.loss, channels=cfg.data.channels, resolution=cfg.data.resolution,
-                                           feature_net=mid.feature_net, config_key="mid.feature_net")
             self.grid = edm_lambda_uniform_sigmas(mid.solver_steps, cfg.model.sigma_min, cfg.model.sigma_max)
-            self.pairs_per_trajectory = {"cmt": mid.solver_steps, "kd": 1, "slow_cmt": 1}[self.method]
         else:
             self.grid = fm_uniform_times(mid.solver_steps)
-            self.pairs_per_trajectory = meanflow_pairs_per_trajectory(mid.solver_steps + 1, self.method == "kd")
-        per_step = cfg.train.batch_size // max(1, cfg.train.grad_accum)
-        if per_step % self.pairs_per_trajectory:
-            raise ConfigError(self._batch_message(per_step))
-        self._net_counter = CallCounter(self.teacher)   # sees every teacher network evaluation
+        self.pairs_per_trajectory = pairs_per_trajectory(cfg)
         self.counters = {"teacher_nfe": 0, "teacher_calls": 0, "pairs": 0, "trajectories": 0}
 
-    def _batch_message(self, pairs: int) -> str:
-        return (f"a batch of {pairs} pairs is not a whole number of trajectories of {self.pairs_per_trajectory} "
-                f"pairs (mid.form={self.form}, mid.method={self.method}, mid.solver_steps="
-                f"{self.cfg.mid.solver_steps}): make train.batch_size per micro-step and rank a multiple of "
-                f"{self.pairs_per_trajectory}")
+    @staticmethod
+    def cost_per_pair(cfg: Config) -> PairCost:
+        """Teacher NFEs per pair (docs/method.md §8): CMT 1, KD N, Slow CMT (N+1)/2 on average (a solve from
+        a level drawn uniformly from 1..N); MeanFlow CMT the trajectory's NFEs over its pairs. Guidance of an
+        EDM or flow-matching teacher doubles them (one [x; x] call)."""
+        mid = cfg.mid
+        n = mid.solver_steps
+        if mid.form == "consistency":
+            per_trajectory = {"cmt": n, "kd": n, "slow_cmt": (n + 1) / 2}[mid.method]
+        else:
+            per_trajectory = n * (2 if mid.teacher_sampler == "fm_heun" else 1)
+        guided = mid.cfg_scale != 1.0 and mid.teacher_sampler != "meanflow"
+        nfe = per_trajectory * (2 if guided else 1) / pairs_per_trajectory(cfg)
+        return PairCost(teacher_nfe=nfe, student_grad=1.0, student_nograd=0.0, distance=mid_distance(cfg))
+
+    def to(self, device: torch.device) -> "MidTraining":
+        self.teacher.to(device)
+        self.distance.to(device)
+        return self
+
+    def check_batch(self, micro_batch: int) -> None:
+        if micro_batch % self.pairs_per_trajectory:
+            raise ConfigError(
+                f"a micro-batch of {micro_batch} pairs per rank is not a whole number of trajectories of "
+                f"{self.pairs_per_trajectory} pairs (mid.form={self.form}, mid.method={self.method}, "
+                f"mid.solver_steps={self.cfg.mid.solver_steps}): make train.batch_size / (ranks × "
+                f"train.grad_accum) a multiple of {self.pairs_per_trajectory}")
 
     # -- teacher side ---------------------------------------------------------------------------------
-    def _teacher_fn(self, x: torch.Tensor, *times_and_labels):
-        """The teacher as the rollout calls it, with classifier-free guidance for EDM / FM teachers.
-
-        Guidance is one batched call on [x; x] with [labels; null]; it counts as 2 NFEs per sample. A
-        MeanFlow teacher has its guidance trained in (its post.cfg_scale), so it is called as is.
-        """
-        *times, labels = times_and_labels
-        scale = self.cfg.mid.cfg_scale
-        if scale == 1.0 or labels is None or self.teacher_kind == "meanflow":
-            return self._net_counter(x, *times, labels)
-        null = torch.full_like(labels, self.teacher_cfg.network.num_classes)
-        out = self._net_counter(torch.cat([x, x]), *(torch.cat([t, t]) for t in times), torch.cat([labels, null]))
-        cond, uncond = out.chunk(2)
-        return guided(cond, uncond, scale)
-
-    def _place(self, device: torch.device) -> None:
-        if next(self.teacher.parameters()).device != device:
-            self.teacher.to(device)
-        if self.distance is not None and any(True for _ in self.distance.parameters()) \
-                and next(self.distance.parameters()).device != device:
-            self.distance.to(device)
-
     @torch.no_grad()
-    def make_pairs(self, batch: dict, generator: torch.Generator, count: bool = True) -> TrajectoryPairs:
+    def prepare(self, batch: dict, generator: torch.Generator) -> TrajectoryPairs:
         """Roll the teacher out for this batch (B = number of pairs) and return the pairs.
 
         Draws only from ``generator``, never from the global RNG (the teacher is in eval mode), so a
-        producer thread can run it while the student's dropout draws from the global RNG. ``count=False``
-        leaves :attr:`counters` alone: a pipelined producer makes pairs ahead of use, and the trainer
-        adds them with :meth:`count_pairs` when the student consumes them, so the logged counters are
-        the same as in a serial run.
+        producer thread can run it while the student's dropout draws from the global RNG.
         """
-        images = batch["images"]
-        labels = batch.get("labels")
+        images, labels = batch["images"], batch.get("labels")
         B, shape, device = images.shape[0], tuple(images.shape[1:]), images.device
-        self._place(device)
-        mid = self.cfg.mid
-        if B % self.pairs_per_trajectory:
-            raise ConfigError(self._batch_message(B))
+        mid, teacher = self.cfg.mid, self.counted_teacher
         T = trajectories_for_pairs(B, self.pairs_per_trajectory)
-        traj_labels = None if labels is None else labels[:T]
-        common = dict(generator=generator, labels=traj_labels, counter=self._net_counter)
-        if self.form == "consistency":
-            x0 = images[:T] if mid.data_start else None
-            if self.method == "cmt":
-                pairs = consistency_pairs(self._teacher_fn, T, shape, self.grid, mid.solver_order, x0=x0,
-                                          device=device, **common)
-            elif self.method == "kd":
-                pairs = kd_pairs(self._teacher_fn, B, shape, self.grid, mid.solver_order, x0=x0,
-                                 device=device, **common)
-            else:
-                pairs = slow_cmt_pairs(self._teacher_fn, images, self.grid, mid.solver_order, **common)
-        else:
-            pairs = meanflow_pairs(self._teacher_fn, T, shape, self.grid, mid.teacher_sampler,
-                                   endpoints_only=self.method == "kd", device=device, **common)
-        if count:
-            self.count_pairs(pairs)
-        return pairs
+        common = dict(generator=generator, labels=None if labels is None else labels[:T])
+        if self.form == "meanflow":
+            return meanflow_pairs(teacher, T, shape, self.grid, mid.teacher_sampler,
+                                  endpoints_only=self.method == "kd", device=device, **common)
+        x0 = images[:T] if mid.data_start else None
+        if self.method == "cmt":
+            return consistency_pairs(teacher, T, shape, self.grid, mid.solver_order, x0=x0, device=device, **common)
+        if self.method == "kd":
+            return kd_pairs(teacher, B, shape, self.grid, mid.solver_order, x0=x0, device=device, **common)
+        return slow_cmt_pairs(teacher, images, self.grid, mid.solver_order, generator=generator, labels=labels)
 
-    def count_pairs(self, pairs: TrajectoryPairs) -> None:
-        """Add what ``pairs`` cost to :attr:`counters` (done by make_pairs unless count=False)."""
+    # -- student side ---------------------------------------------------------------------------------
+    def loss(self, model, pairs: TrajectoryPairs) -> torch.Tensor:
+        """Student forward on the pairs and the unit-weight distance to the targets, mean over pairs.
+
+        The ELatentLPIPS augmentation draws from the global RNG, which the trainer seeds per micro-step, so
+        where the pairs were made does not change its draws.
+        """
         self.counters["teacher_nfe"] += pairs.teacher_nfe
         self.counters["teacher_calls"] += pairs.teacher_calls
         self.counters["pairs"] += len(pairs)
         self.counters["trajectories"] += pairs.num_trajectories
-
-    # -- student side ---------------------------------------------------------------------------------
-    def pair_loss(self, model, pairs: TrajectoryPairs, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Student forward on the pairs and the unit-weight distance to the targets, mean over pairs.
-
-        ``generator`` only drives the ELatentLPIPS augmentation (default: the global RNG, which the trainer
-        seeds per step, so pipelining pair generation does not change the draws).
-        """
         labels = pairs.labels if self.cfg.network.num_classes > 0 else None
         if self.form == "consistency":
-            pred = model(pairs.x, pairs.t, labels)
-            return self.distance(pred, pairs.target, generator).mean()
+            return self.distance(model(pairs.x, pairs.t, labels), pairs.target).mean()
         pred = model(pairs.x, pairs.r, pairs.t, labels)
-        return (pred.float() - pairs.target.float()).square().flatten(1).mean(dim=1).mean()
-
-    def loss(self, model, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        return self.pair_loss(model, self.make_pairs(batch, generator))
+        return self.distance(pred.float(), pairs.target.float()).mean()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,6 +180,11 @@ def _check_mid_config(cfg: Config) -> None:
                               "not images, so the paper uses the squared loss: set mid.loss=l2")
     if mid.solver_steps < 1:
         raise ConfigError(f"mid.solver_steps must be >= 1, got {mid.solver_steps}")
+    if mid.pipeline_depth < 1:
+        raise ConfigError(f"mid.pipeline_depth={mid.pipeline_depth}: the producer must be allowed at least "
+                          "one micro-batch ahead, set it to 1 or more")
+    if mid.pipeline == "teacher_ranks" and mid.teacher_ranks < 1:
+        raise ConfigError(f"mid.teacher_ranks={mid.teacher_ranks}: mid.pipeline=teacher_ranks needs 1 or more")
 
 
 def _check_teacher(cfg: Config, tcfg: Config, kind: str, path) -> None:
@@ -205,5 +207,5 @@ def _check_teacher(cfg: Config, tcfg: Config, kind: str, path) -> None:
         raise ConfigError(f"mid.cfg_scale={mid.cfg_scale} needs a class-conditional teacher: set mid.cfg_scale=1")
     if kind == "meanflow" and tcfg.post.cfg_scale != mid.cfg_scale:
         raise ConfigError(f"the MeanFlow teacher was trained with post.cfg_scale={tcfg.post.cfg_scale}; "
-                          f"mid.cfg_scale={mid.cfg_scale} must match it (SPEC §5)")
+                          f"mid.cfg_scale={mid.cfg_scale} must match it (paper §3.3)")
 

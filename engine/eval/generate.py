@@ -1,0 +1,89 @@
+"""Images from an exported network: a teacher's ODE solve, or a flow map's one or two jumps, and PNG grids."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from engine.config import Config
+from engine.errors import ConfigError
+from engine.formulas.grids import edm_lambda_uniform_sigmas, fm_uniform_times, karras_sigmas
+from engine.models.factory import wrap_network
+from engine.sampling.fewstep import consistency_sample, meanflow_sample
+from engine.sampling.solvers import dpm_solver_pp, edm_euler, edm_heun, fm_euler, fm_heun
+
+
+def _teacher_states(model, kind: str, cfg: Config, eps, labels, solver: str, steps: int, order: int) -> list:
+    m = cfg.model
+    if kind == "edm":
+        fn = lambda x, s: model(x, s, labels)  # noqa: E731
+        if solver == "dpm_solver_pp":
+            sigmas = edm_lambda_uniform_sigmas(steps, m.sigma_min, m.sigma_max).to(eps.device)
+            return dpm_solver_pp(fn, eps * m.sigma_max, sigmas, order=order)
+        sigmas = karras_sigmas(steps, m.sigma_min, m.sigma_max).to(eps.device)
+        return (edm_heun if solver == "heun" else edm_euler)(fn, eps * m.sigma_max, sigmas)
+    if solver == "dpm_solver_pp":
+        raise ConfigError("sample.solver=dpm_solver_pp needs model.kind=edm; use heun or euler for a "
+                          "flow-matching model")
+    times = fm_uniform_times(steps).to(eps.device)
+    return (fm_heun if solver == "heun" else fm_euler)(lambda z, t: model(z, t, labels), eps, times)
+
+
+@torch.no_grad()
+def generate(net: torch.nn.Module, cfg: Config, kind: str, num: int, seed: int, solver: str | None = None,
+             steps: int | None = None, order: int | None = None, batch_size: int | None = None,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """Samples [num, C, H, W] from a raw network used as `kind` (engine.models.factory.model_kind).
+
+    Teachers ('edm', 'flow') solve their ODE (defaults from cfg.sample); flow maps ('consistency',
+    'meanflow') take `steps` jumps (default 1; consistency 2-step re-noises to cfg.sample.t_mid).
+    The noise is drawn at once from `seed`, so the images do not depend on batch_size.
+    """
+    teacher = kind in ("edm", "flow")
+    steps = steps or (cfg.sample.steps if teacher else 1)
+    if steps < 1 or (kind == "consistency" and steps > 2):
+        raise ConfigError(f"{steps} sampling steps for a '{kind}' network: teachers and MeanFlow take 1 or more, a "
+                          "consistency model 1 or 2 (it re-noises to sample.t_mid between them)")
+    solver, order = solver or cfg.sample.solver, order or cfg.sample.order
+    batch_size = batch_size or cfg.sample.batch_size
+    model = wrap_network(net, cfg, kind).eval()
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num, *shape), generator=gen)
+    labels = torch.randint(0, cfg.network.num_classes, (num,), generator=gen) if cfg.network.num_classes > 0 else None
+    out = []
+    for lo in range(0, num, batch_size):
+        eps = noise[lo:lo + batch_size].to(device)
+        lab = None if labels is None else labels[lo:lo + batch_size].to(device)
+        if teacher:
+            states = _teacher_states(model, kind, cfg, eps, lab, solver, steps, order)
+        elif kind == "consistency":
+            renoise = torch.Generator(device).manual_seed(seed + 1 + lo)
+            states = consistency_sample(lambda x, s: model(x, s, lab), eps, cfg.model.sigma_max, steps,
+                                        cfg.sample.t_mid, cfg.model.sigma_min, generator=renoise)
+        else:
+            states = meanflow_sample(lambda z, r, t: model(z, r, t, lab), eps, steps)
+        out.append(states[-1].float().cpu())
+    return torch.cat(out)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, min_size: int = 512) -> Path:
+    """Save images in [-1, 1] as a near-square grid, upscaled (nearest) so small images stay legible."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pad = 1
+    grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
+    for i, img in enumerate(images.clamp(-1, 1)):
+        r, q = divmod(i, cols)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+    scale = max(1, math.ceil(min_size / max(grid.shape[1:])))
+    grid = grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+    arr = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr[..., 0] if c == 1 else arr).save(path)
+    return path

@@ -1,0 +1,45 @@
+"""Writing files so that a reader (or a restart after a kill) never sees half of one, and the cache folder."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The rename is atomic on POSIX file systems: ``path`` is either the old file or the whole new one.
+    The file gets mode 0644 (mkstemp's 0600 would hide a shared cache from other users).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def cache_dir() -> Path:
+    """Where trained helper networks are cached: $CMT_CACHE, else ~/.cache/cmt_engine."""
+    return Path(os.environ.get("CMT_CACHE") or Path.home() / ".cache" / "cmt_engine")
+
+
+def cached_file(prefix: str, recipe: dict, directory: str | Path | None = None) -> Path:
+    """The cache file of a helper network trained from ``recipe``: its hash names the file, so any change
+    to the recipe trains anew rather than loading a stale network."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(directory or cache_dir()) / f"{prefix}_{digest}.safetensors"

@@ -1,0 +1,310 @@
+"""kernels.attention (Triton, run through TRITON_INTERPRET=1 from conftest) and kernels.patch.sdpa.
+
+Accuracy is judged against float64 truth, relative to PyTorch's own error in the same dtype: math attention
+computed in that dtype (forward, torch.func.jvp and backward) has some error against the truth; the
+kernel's must be within a small factor of it. Shapes have odd lengths, N_q ≠ N_kv and head dims 16–128.
+"""
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import kernels.attention as ja
+from engine.config import load_config
+from engine.models.layers import SelfAttention
+from engine.stages.post import PostTraining
+from kernels import dispatch
+from kernels.attention import JVPAttention, attention_jvp, attention_reference, jvp_attention
+from kernels.attention import scaled_dot_product_attention as attention
+from kernels.patch.sdpa import patch_sdpa
+
+
+def triton():
+    return dispatch.forced("attention", "triton")
+
+
+SHAPES = [  # (B, H, N_q, N_kv, d): tails in both block axes, N_q < N_kv and N_q > N_kv
+    (2, 2, 37, 37, 32),
+    (1, 2, 5, 70, 16),
+    (1, 1, 33, 17, 64),
+    (1, 1, 9, 21, 128),
+]
+FACTOR = 4   # kernel error ≤ FACTOR × PyTorch's error in the same dtype (measured ratios are ≤ ~2.2)
+
+
+def _inputs(B, H, n_q, n_kv, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda n: torch.randn(B, H, n, d, generator=g, dtype=torch.float64)
+    return (r(n_q), r(n_kv), r(n_kv)), (r(n_q), r(n_kv), r(n_kv))
+
+
+def _err(a, truth):
+    return (a.double() - truth).abs().max().item()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_record(monkeypatch):
+    monkeypatch.setattr(dispatch, "_counts", dispatch.Counter())
+    monkeypatch.setattr(dispatch, "_last", {})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_output_tangent_and_grads_match_truth(dtype, shape):
+    """O and dO (torch.func.jvp through the autograd.Function, and the fused attention_jvp pass) and the
+    gradients of a random cotangent against float64 math attention, within FACTOR × PyTorch's error."""
+    (q, k, v), (tq, tk, tv) = _inputs(*shape)
+    o_true, do_true = torch.func.jvp(attention_reference, (q, k, v), (tq, tk, tv))
+    lo = lambda *xs: tuple(x.to(dtype) for x in xs)
+    o_pt, do_pt = torch.func.jvp(attention_reference, lo(q, k, v), lo(tq, tk, tv))
+    with triton():
+        o, do = torch.func.jvp(jvp_attention, lo(q, k, v), lo(tq, tk, tv))
+    o_f, do_f = attention_jvp(*lo(q, k, v, tq, tk, tv))
+    assert dispatch.last_implementation("attention") == "triton"
+    assert o.dtype == do.dtype == dtype
+    for mine, torch_own, truth in ((o, o_pt, o_true), (do, do_pt, do_true), (o_f, o_pt, o_true),
+                                   (do_f, do_pt, do_true)):
+        assert _err(mine, truth) <= FACTOR * _err(torch_own, truth)
+
+    cot = torch.randn(o_true.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = lambda xs: [x.clone().requires_grad_() for x in xs]
+    truth_in, pt_in, mine_in = leaves((q, k, v)), leaves(lo(q, k, v)), leaves(lo(q, k, v))
+    attention_reference(*truth_in).backward(cot)
+    attention_reference(*pt_in).backward(cot.to(dtype))
+    with triton():
+        jvp_attention(*mine_in).backward(cot.to(dtype))
+    for mine, torch_own, truth in zip(mine_in, pt_in, truth_in):
+        assert mine.grad.dtype == dtype
+        assert _err(mine.grad, truth.grad) <= FACTOR * _err(torch_own.grad, truth.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tangent_is_insensitive_to_a_common_row_offset_in_ds(dtype):
+    """dO depends on dS only through dS − μ (row-wise), so a per-row constant in dS — here a large shared
+    component w of every key's tangent, q·(dk_j + w)ᵀ = q·dk_jᵀ + q·wᵀ — cancels. The kernel forms
+    P·(dS − ref) in fp32 before rounding to the IO dtype, so its error with the offset must stay within
+    FACTOR × PyTorch's error without it; rounding P·dS itself (the old kernel) gave ~15× PyTorch's error
+    here. Truths are float64 evaluations of the rounded inputs, so input rounding (which a large w
+    amplifies in dk + w) is nobody's error. Both the jvp rule (MODE 2) and the fused pass (MODE 1)."""
+    shape = (1, 2, 37, 45, 32)
+    (q, k, v), (tq, tk, tv) = _inputs(*shape, seed=3)
+    w = 40 * torch.randn(1, 2, 1, shape[-1], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    q, k, v, tq, tk, tv, tk_off = (x.to(dtype) for x in (q, k, v, tq, tk, tv, tk + w))
+    hi = lambda *xs: tuple(x.double() for x in xs)
+    offset = (q.double() @ w.transpose(-2, -1)) * shape[-1] ** -0.5      # [1, 2, N_q, 1]: dS's row offset
+    ds = (tq.double() @ k.double().transpose(-2, -1) + q.double() @ tk.double().transpose(-2, -1)) * shape[-1] ** -0.5
+    assert offset.abs().mean() > 10 * ds.std()
+    _, truth = torch.func.jvp(attention_reference, hi(q, k, v), hi(tq, tk, tv))
+    _, truth_off = torch.func.jvp(attention_reference, hi(q, k, v), hi(tq, tk_off, tv))
+    _, do_pt = torch.func.jvp(attention_reference, (q, k, v), (tq, tk, tv))
+    with triton():
+        _, do_jvp = torch.func.jvp(jvp_attention, (q, k, v), (tq, tk_off, tv))
+    _, do_fused = attention_jvp(q, k, v, tq, tk_off, tv)
+    budget = FACTOR * _err(do_pt, truth)
+    assert _err(do_jvp, truth_off) <= budget
+    assert _err(do_fused, truth_off) <= budget
+
+
+def test_grid_puts_batch_heads_on_axis_0():
+    """CUDA limits grid axes 1 and 2 to 65535, so B·H (which grows with the batch) must be on axis 0. The
+    grids the launchers build for B·H = 70,000 are recorded without running the kernels."""
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    B, H, n, d = 7000, 10, 40, 1
+    q = torch.zeros(B, H, n, d)
+    lse = torch.zeros(B, H, n)
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+            mp.setattr(ja, name, Recorder())
+        for mode in (0, 1, 2):
+            ja._fwd(q, q, q, 1.0, mode, tangents=(q, q, q), o=q, lse=lse)
+        ja._bwd(q, q, q, q, lse, q, 1.0)
+    assert len(grids) == 5
+    for grid in grids:
+        assert grid[0] == B * H and 1 < grid[1] <= ja.MAX_GRID_AXIS1 and len(grid) == 2
+    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
+        ja._grid(ja.MAX_GRID_AXIS1 + 1, 1)
+
+
+def test_strided_inputs_as_self_attention_makes_them():
+    """q, k, v permuted out of one qkv projection (SelfAttention's layout), a stride-0 (expanded) tangent,
+    jvp and backward through the whole block, against the same block on math attention."""
+    torch.manual_seed(0)
+    block = SelfAttention(48, num_heads=3, zero_init=False)
+    x, tx = torch.randn(2, 29, 48), torch.randn(2, 29, 48)
+    q, _, _ = block.qkv(x).reshape(2, 29, 3, 3, 16).permute(2, 0, 3, 1, 4)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+
+    def run(attn_fn):
+        net = copy.deepcopy(block)
+        net.attn_fn = attn_fn
+        y, dy = torch.func.jvp(net, (x,), (tx,))
+        (y.square().sum() + (y * dy.detach()).sum()).backward()
+        return y, dy, [p.grad for p in net.parameters()]
+
+    ref = run(attention_reference)
+    with triton():
+        got = run(JVPAttention())
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[2], ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    (q, k, v), (tq, tk, _) = _inputs(1, 2, 19, 19, 32)
+    q, k, v, tq, tk = (t.float() for t in (q, k, v, tq, tk))
+    tv = torch.ones(1, dtype=torch.float32).expand_as(v)       # strides all 0
+    want = torch.func.jvp(attention_reference, (q, k, v), (tq, tk, tv))
+    with triton():
+        got = torch.func.jvp(jvp_attention, (q, k, v), (tq, tk, tv))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_through_the_tangent_raises():
+    """The kernel has no second-order rule: differentiating dO must fail loudly, not return zeros."""
+    (q, k, v), (tq, tk, tv) = _inputs(1, 1, 8, 8, 16)
+    q = q.float().requires_grad_()
+    with triton():
+        _, do = torch.func.jvp(jvp_attention, (q, k.float(), v.float()), (tq.float(), tk.float(), tv.float()))
+    with pytest.raises(RuntimeError, match="through the attention tangent"):
+        do.sum().backward()
+
+
+def test_dispatch_choice_and_errors(monkeypatch):
+    (q, k, v), _ = _inputs(1, 2, 7, 7, 16)
+    # auto on CPU: the torch reference (float64 too), observable; the model-facing choice
+    # kernels.attention.scaled_dot_product_attention records as well.
+    torch.testing.assert_close(jvp_attention(q, k, v), attention_reference(q, k, v))
+    assert dispatch.last_implementation("attention") == "torch"
+    qf, kf, vf = q.float(), k.float(), v.float()
+    with triton():
+        out = attention(qf, kf, vf)
+        assert dispatch.last_implementation("attention") == "triton"
+        torch.testing.assert_close(out, attention_reference(qf, kf, vf), rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="float64"):
+            jvp_attention(q, k, v)
+        with pytest.raises(ValueError, match="head dim 256"):
+            jvp_attention(*(torch.zeros(1, 1, 4, 256),) * 3)
+        with pytest.raises(ValueError, match="one shape"):
+            jvp_attention(qf, kf, vf[:, :, :5])
+        monkeypatch.setattr(ja, "INTERPRETED", False)      # as on a CPU-only machine without the flag
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+            jvp_attention(qf, kf, vf)
+    assert dispatch.implementations_run() == {"attention:torch": 1, "attention:triton": 1}
+
+
+# --------------------------------------------------------------------------------------------------
+# Must-show #3: a MeanFlow post-training step on the small DiT through the kernel
+# --------------------------------------------------------------------------------------------------
+def test_meanflow_step_on_dit_with_the_kernel_matches_reference(randomize):
+    """torch.func.jvp through the DiT (head dim 32, 49 tokens: tails in both block axes) with attention
+    forced to the triton kernel gives the reference's u, du/dt, loss (rel 1e-5) and parameter gradients
+    (within 1e-5 of each tensor's largest entry)."""
+    cfg = load_config(None, ["data.resolution=14", "network.arch=dit", "network.dit.hidden_size=64",
+                             "network.dit.depth=2", "network.dit.num_heads=2", "post.init=random",
+                             "post.method=meanflow", "network.use_r=true"])
+    stage = PostTraining(cfg)
+    randomize(stage.model.net, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 1, 14, 14, generator=g).clamp(-1, 1)
+    z, v = torch.randn(2, 1, 14, 14, generator=g), torch.randn(2, 1, 14, 14, generator=g)
+    r, t = torch.tensor([0.1, 0.5]), torch.tensor([0.6, 0.5])
+
+    def step(impl):
+        model = copy.deepcopy(stage.model)
+        with dispatch.forced("attention", impl):
+            u, dudt = stage.meanflow_jvp(model, z, v, r, t)
+            loss = stage.loss(model, stage.prepare({"images": x0}, torch.Generator().manual_seed(3)))
+            loss.backward()
+        assert dispatch.implementations_run(reset=True) == {f"attention:{impl}": 2 * cfg.network.dit.depth}
+        return u, dudt, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    u0, dudt0, loss0, grads0 = step("torch")
+    u1, dudt1, loss1, grads1 = step("triton")
+    assert dudt0.abs().max() > 0.1
+    torch.testing.assert_close(u1, u0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dudt1, dudt0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=0)
+    assert any(gr.abs().max() > 0 for gr in grads0.values())
+    for name, want in grads0.items():
+        torch.testing.assert_close(grads1[name], want, rtol=0, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Must-show #4: the SDPA patcher on a model that calls F.scaled_dot_product_attention itself
+# --------------------------------------------------------------------------------------------------
+class SDPAModel(nn.Module):
+    """diffusers/timm style: calls F.scaled_dot_product_attention directly."""
+
+    def __init__(self, channels=32, heads=2, **sdpa_kwargs):
+        super().__init__()
+        self.heads, self.sdpa_kwargs = heads, sdpa_kwargs
+        self.qkv, self.proj = nn.Linear(channels, 3 * channels), nn.Linear(channels, channels)
+        self.side_thread_calls = []   # if set to [tensor], also call SDPA from another thread in forward
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        for t in self.side_thread_calls:
+            th = threading.Thread(target=lambda: F.scaled_dot_product_attention(t, t, t))
+            th.start()
+            th.join()
+        o = F.scaled_dot_product_attention(q, k, v, **self.sdpa_kwargs)
+        return self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+def test_patch_sdpa_routes_jvp_and_reverts():
+    torch.manual_seed(0)
+    model = SDPAModel()
+    x, tx = torch.randn(2, 23, 32), torch.randn(2, 23, 32)
+    original = F.scaled_dot_product_attention
+    with sdpa_kernel([SDPBackend.MATH]):     # the unpatched model under jvp needs the math backend
+        want = torch.func.jvp(model, (x,), (tx,))
+
+    handle = patch_sdpa(model)
+    assert F.scaled_dot_product_attention is original          # swapped only while the forward runs
+    model.side_thread_calls = [torch.randn(1, 1, 4, 16)]        # another thread's call: not routed
+    with triton():
+        got = torch.func.jvp(model, (x,), (tx,))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert dispatch.last_implementation("attention") == "triton"
+    assert dispatch.implementations_run(reset=True) == {"attention:triton": 1}
+    assert F.scaled_dot_product_attention is original
+
+    handle.revert()
+    handle.revert()                                            # idempotent
+    assert F.scaled_dot_product_attention is original
+    with triton(), sdpa_kernel([SDPBackend.MATH]):
+        torch.testing.assert_close(torch.func.jvp(model, (x,), (tx,)), want)
+    assert dispatch.implementations_run() == {}                # the model uses the original SDPA again
+
+
+def test_patch_sdpa_fallbacks_nesting_and_exceptions():
+    torch.manual_seed(0)
+    x = torch.randn(1, 9, 32)
+    causal = SDPAModel(is_causal=True)
+    want = causal(x)
+    original = F.scaled_dot_product_attention
+    outer = nn.Sequential(causal, SDPAModel())
+    with patch_sdpa(outer), patch_sdpa(outer[1]), triton():     # nested patches on one call stack
+        torch.testing.assert_close(causal(x), want)            # only patched forwards are routed ...
+        assert dispatch.implementations_run(reset=True) == {}
+        outer(x)                                               # ... is_causal falls back, the plain call runs
+        assert dispatch.implementations_run(reset=True) == {"attention:torch": 1, "attention:triton": 1}
+        assert F.scaled_dot_product_attention is original
+
+    broken = SDPAModel()
+    broken.proj = None                                         # the forward raises after the SDPA call
+    with patch_sdpa(broken), pytest.raises(TypeError):
+        broken(x)
+    assert F.scaled_dot_product_attention is original
+    with pytest.raises(TypeError, match="nn.Module"):
+        patch_sdpa(lambda q: q)

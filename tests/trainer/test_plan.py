@@ -1,0 +1,69 @@
+"""The planner: DeepSpeed-consistent model-state memory, stage costs, and a fast EDM2-XXL plan on meta."""
+import time
+
+import pytest
+from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+from deepspeed.runtime.zero.stage3 import model_to_params as ds_model_to_params
+from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+from engine.cli.plan import main
+from engine.config import ConfigError, load_config
+from engine.models.factory import build_raw_network
+from engine.stages import stage_class
+from engine.trainer.plan import count_params, model_states, plan
+
+TINY = ["data.resolution=8", "network.arch=edm2", "network.edm2.model_channels=64", "network.edm2.channel_mult=[1,2]",
+        "network.edm2.num_blocks=1", "network.edm2.attn_resolutions=[4]", "train.precision=bf16", "train.batch_size=32"]
+
+
+@pytest.mark.parametrize("gpus", [1, 8, 16])
+def test_params_and_model_states_equal_deepspeed_estimators(gpus):
+    cfg = load_config(None, TINY)
+    net = build_raw_network(cfg)            # a real (CPU) module, for DeepSpeed's own parameter count
+    params, largest = count_params(net)
+    assert (params, largest) == ds_model_to_params(net)
+    nodes, per_node = (gpus // 8, 8) if gpus > 8 else (1, gpus)
+    z2 = estimate_zero2_model_states_mem_needs(params, per_node, nodes, cpu_offload=False)[1]
+    z3 = estimate_zero3_model_states_mem_needs(params, largest, per_node, nodes, cpu_offload=False)[1]
+    assert model_states(params, largest, 2, gpus, "bf16").total == pytest.approx(z2, abs=1)
+    assert model_states(params, largest, 3, gpus, "bf16").total == pytest.approx(z3, abs=1)
+    # ZeRO-0/1 in the same accounting: 20 bytes/param unpartitioned; ZeRO-1 partitions fp32 states only.
+    assert model_states(params, largest, 0, gpus, "bf16").total == 20 * params
+    assert model_states(params, largest, 1, gpus, "bf16").total == pytest.approx(4 * params + 16 * params / gpus)
+    assert model_states(params, largest, 0, gpus, "fp32").total == 16 * params
+
+
+def test_plan_reports_deepspeed_numbers_and_consistent_memory():
+    r = plan(load_config(None, TINY), "pre", gpus=4, gpu_mem_gb=1)
+    for z in (2, 3):
+        assert r["table"][z]["states"].total == pytest.approx(r["deepspeed"][z], abs=1)
+    assert r["act"]["per_sample"] > 0 and r["params"]["teacher"] == 0
+    # activations scale with the micro-batch: 32 / 4 = 8 per GPU
+    assert r["table"][0]["activations"] == 8 * r["act"]["per_sample"]
+    # backward = 2 forwards: student FLOPs per pair are 3x the forward, measured on meta
+    assert r["flops"]["student"] == 3 * r["act"]["student_fwd_flops"] > 0
+
+
+def test_stage_costs_follow_the_cost_accounting(root):
+    """docs/method.md §8, from each stage's own formula (which its counters are tested against)."""
+    def cost(stage, path=None, *overrides):
+        return stage_class(stage).cost_per_pair(load_config(path and root / path, list(overrides)))
+    cfg = load_config(root / "configs/paper/imagenet256_mfxl2_cmt.yaml")
+    assert cost("mid", "configs/paper/imagenet256_mfxl2_cmt.yaml").teacher_nfe == pytest.approx(7 / 28)
+    assert cost("mid", None, "mid.method=kd").teacher_nfe == 16
+    assert cost("mid", None, "mid.method=slow_cmt").teacher_nfe == 8.5          # (N+1)/2 on average
+    assert cost("mid", None, "mid.cfg_scale=2.0").teacher_nfe == 2               # guidance: [x; x]
+    assert cost("post", "configs/paper/imagenet64_ecd.yaml").teacher_nfe == 2
+    assert cost("post", None, "post.method=ect").student_nograd == 1
+    assert cost("pre").teacher_nfe == 0
+    with pytest.raises(ConfigError, match="--teacher-config"):
+        plan(cfg, "mid")
+
+
+def test_edm2_xxl_imagenet512_plans_in_seconds_on_meta(capsys):
+    start = time.perf_counter()
+    assert main(["--config", "configs/paper/imagenet512_cmt.yaml", "--gpus", "8", "--gpu-mem", "80"]) == 0
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert "student 1523.2M" in out and "teacher 1523.2M" in out and "<- config" in out
+    assert elapsed < 45   # ~5 s on an idle core; generous for a shared CI box
