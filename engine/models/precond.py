@@ -18,6 +18,13 @@ def _per_sample(s, x):
     return per_sample(s, x, torch.promote_types(s.dtype, accumulation_dtype(x)))
 
 
+def _run(net: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The raw network on ``x`` in its parameters' dtype (bf16 once DeepSpeed's bf16 mode converted it), the
+    output back in ``x``'s dtype: callers keep their float32 data, noise and targets either way."""
+    dtype = next(net.parameters()).dtype
+    return net(x.to(dtype), *args, **kwargs).to(x.dtype)
+
+
 class _Preconditioned(nn.Module):
     def __init__(self, net: nn.Module, sigma_data: float):
         super().__init__()
@@ -27,7 +34,7 @@ class _Preconditioned(nn.Module):
     def _apply_coeffs(self, x, coeffs, class_labels):
         c_skip, c_out, c_in, c_noise = (expand_like(c, x) for c in coeffs)
         xf = x.to(c_in.dtype)
-        out = self.net((c_in * xf).to(x.dtype), c_noise.flatten(), class_labels=class_labels)
+        out = _run(self.net, (c_in * xf).to(x.dtype), c_noise.flatten(), class_labels=class_labels)
         return (c_skip * xf + c_out * out.to(c_out.dtype)).to(x.dtype)
 
 
@@ -65,7 +72,7 @@ class FlowVelocity(nn.Module):
         self.net = net
 
     def forward(self, z: torch.Tensor, t, class_labels=None) -> torch.Tensor:
-        return self.net(z, _per_sample(t, z), class_labels=class_labels)
+        return _run(self.net, z, _per_sample(t, z), class_labels=class_labels)
 
 
 class MeanFlowModel(nn.Module):
@@ -79,4 +86,4 @@ class MeanFlowModel(nn.Module):
         self.net = net
 
     def forward(self, z: torch.Tensor, r, t, class_labels=None) -> torch.Tensor:
-        return self.net(z, _per_sample(t, z), r_label=_per_sample(r, z), class_labels=class_labels)
+        return _run(self.net, z, _per_sample(t, z), r_label=_per_sample(r, z), class_labels=class_labels)

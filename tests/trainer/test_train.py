@@ -78,3 +78,22 @@ def test_bad_input_gives_one_line_errors(tmp_path, train_cli):
 
     res = train_cli(tmp_path / "d", stage="mid")
     assert res.returncode == 2 and "mid.teacher" in _last_line(res), res.stderr[-1500:]
+
+
+@pytest.mark.parametrize("stage, config, extra", [
+    ("pre", "digits.yaml", []),
+    ("post", "digits_meanflow.yaml", ["post.init=random"]),
+])
+def test_bf16_under_zero_trains_and_its_checkpoints_load_safely(tmp_path, train_cli, stage, config, extra):
+    """DeepSpeed's bf16 mode converts the network; the wrappers feed it bf16 and hand float32 back."""
+    from engine.trainer.student import safe_load
+
+    res = train_cli(tmp_path / "run", "train.precision=bf16", "train.zero_stage=1", "train.total_kimg=0.128",
+                    *extra, stage=stage, config=config)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    weights = load_file(str(tmp_path / "run" / "export" / "network.safetensors"))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
+    for f in (tmp_path / "run" / "checkpoints").glob("step-*/*.pt"):
+        assert safe_load(f, "cpu")
