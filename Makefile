@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*)
 
-.PHONY: setup demo claims claims-meanflow test test-slow bench clean
+.PHONY: setup demo claims claims-meanflow test test-slow test-faults bad-inputs bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,15 @@ test: setup
 # Tests marked slow (minutes each). pytest exits 5 when none are collected, which is not a failure here.
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests || [ $$? -eq 5 ]
+
+# The kill matrix (docs/reliability.md): SIGKILL every stage variant at random moments, restart, compare with
+# an uninterrupted run; prints k/10 identical per stage (~25 min on 2 cores).
+test-faults: setup
+	$(PY) -m tools.kill_matrix
+
+# docs/bad-inputs.md: every known bad input through the real commands (exit code and message).
+bad-inputs: setup
+	$(PY) -m tools.bad_inputs
 
 # The benchmarks page (benchmarks/results/README.md): cost per pair, per-stage profiles, kernel counts.
 # Triton kernels run (and are counted) through the interpreter on CPU machines.

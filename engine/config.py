@@ -4,14 +4,17 @@ Every section is a dataclass; `load_config` maps YAML (plus `--set a.b=value` ov
 rejects unknown keys, wrong types and values outside a `Literal` with a one-line message that names the
 key and the valid choices, so a typo never silently falls back to a default.
 
-A field (or a whole section) built with :func:`may_change_on_resume` may differ when a run dir is
-resumed: it changes how or how long a run goes, not what it computes. Every other field is the recipe,
-and the trainer refuses to resume a run dir under a different one.
+Fields built with :func:`setting` carry their valid range (``min``, ``above``, ``below``, ...), checked
+when the tree is built; every float must be finite. A field (or a whole section) marked
+``resume=True`` (or built with :func:`may_change_on_resume`) may differ when a run dir is resumed: it
+changes how or how long a run goes, not what it computes. Every other field is the recipe, and the
+trainer refuses to resume a run dir under a different one.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,11 +27,52 @@ from engine.errors import ConfigError
 from engine.files import write_text_atomically
 
 _RESUME = "may_change_on_resume"
+_RANGE = "valid_range"
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Bounds of a number (of each element, for a list): min/max inclusive, above/below exclusive."""
+    min: Optional[float] = None
+    max: Optional[float] = None
+    above: Optional[float] = None
+    below: Optional[float] = None
+    length: Optional[int] = None      # a list of exactly this many
+    nonempty: bool = False            # a list with at least one element
+
+    def problem(self, value) -> Optional[str]:
+        if isinstance(value, list):
+            if self.length is not None and len(value) != self.length:
+                return f"must be a list of {self.length} numbers"
+            if self.nonempty and not value:
+                return "must not be empty"
+            return next((p for p in map(self._number, value) if p), None)
+        return None if value is None else self._number(value)
+
+    def _number(self, v) -> Optional[str]:
+        if self.min is not None and v < self.min:
+            return f"must be at least {self.min:g}"
+        if self.max is not None and v > self.max:
+            return f"must be at most {self.max:g}"
+        if self.above is not None and v <= self.above:
+            return f"must be greater than {self.above:g}"
+        if self.below is not None and v >= self.below:
+            return f"must be less than {self.below:g}"
+        return None
+
+
+def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+            resume: bool = False, **bounds):
+    """A config field with its valid range (see :class:`_Range`); ``resume``: it may change on resume."""
+    metadata = {_RANGE: _Range(**bounds)} if bounds else {}
+    if resume:
+        metadata[_RESUME] = True
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 def may_change_on_resume(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING):
     """A dataclass field that may differ between a run dir's saved config and the config resuming it."""
-    return field(default=default, default_factory=default_factory, metadata={_RESUME: True})
+    return setting(default, default_factory=default_factory, resume=True)
 
 
 def changeable_on_resume(cls: type = None, prefix: str = "") -> set[str]:
@@ -54,8 +98,8 @@ class DataConfig:
     path: Optional[str] = None          # folder / zip / .npy file for user data
     labels_path: Optional[str] = None   # optional .npy of integer labels (npy source)
     layout: Literal["NCHW", "NHWC"] = "NCHW"
-    resolution: int = 16
-    channels: int = 1
+    resolution: int = setting(16, min=1)
+    channels: int = setting(1, min=1)
     xflip: bool = False
     # dali: NVIDIA DALI decodes each batch (pip install -e '.[dali]'); both loaders give the same batches
     loader: Literal["torch", "dali"] = may_change_on_resume("torch")
@@ -64,36 +108,36 @@ class DataConfig:
 
 @dataclass
 class UNetConfig:
-    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
-    num_blocks: int = 2
-    attn_resolutions: list[int] = field(default_factory=lambda: [4])
+    channels: list[int] = setting(default_factory=lambda: [16, 32, 64], min=1, nonempty=True)
+    num_blocks: int = setting(2, min=1)
+    attn_resolutions: list[int] = setting(default_factory=lambda: [4], min=1)
 
 
 @dataclass
 class DiTConfig:
-    patch_size: int = 2
-    hidden_size: int = 128
-    depth: int = 4
-    num_heads: int = 4
-    mlp_ratio: float = 4.0
+    patch_size: int = setting(2, min=1)
+    hidden_size: int = setting(128, min=1)
+    depth: int = setting(4, min=1)
+    num_heads: int = setting(4, min=1)
+    mlp_ratio: float = setting(4.0, above=0)
 
 
 @dataclass
 class EDM2Config:
-    """The EDM2 magnitude-preserving U-Net (engine/networks/edm2.py): a published size preset, or
+    """The EDM2 magnitude-preserving U-Net (engine/models/edm2.py): a published size preset, or
     model_channels for a custom width (set exactly one of the two)."""
     size: Optional[Literal["xs", "s", "m", "l", "xl", "xxl"]] = None   # 128/192/256/320/384/448 channels
-    model_channels: Optional[int] = None
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
-    num_blocks: int = 3
-    attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    model_channels: Optional[int] = setting(None, min=1)
+    channel_mult: list[int] = setting(default_factory=lambda: [1, 2, 3, 4], min=1, nonempty=True)
+    num_blocks: int = setting(3, min=1)
+    attn_resolutions: list[int] = setting(default_factory=lambda: [16, 8], min=1)
 
 
 @dataclass
 class NetworkConfig:
     arch: Literal["unet", "dit", "edm2"] = "unet"
-    dropout: float = 0.0
-    num_classes: int = 0
+    dropout: float = setting(0.0, min=0, below=1)
+    num_classes: int = setting(0, min=0)
     use_r: bool = False   # second time input, for MeanFlow's u(z, r, t)
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
@@ -104,20 +148,21 @@ class NetworkConfig:
 class ModelConfig:
     """The parameterisation wrapped around the raw network (docs/method.md §2, §5)."""
     kind: Literal["edm", "flow"] = "edm"
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_data: float = setting(0.5, above=0)
+    sigma_min: float = setting(0.002, above=0)
+    sigma_max: float = setting(80.0, above=0)
 
 
 @dataclass
 class PreConfig:
     """Pre-training losses: EDM denoising (model.kind=edm) or flow matching (model.kind=flow)."""
     P_mean: float = -1.2          # ln sigma ~ N(P_mean, P_std^2)   (EDM)
-    P_std: float = 1.2
+    P_std: float = setting(1.2, above=0)
     t_mean: float = 0.0           # t ~ logit-normal(t_mean, t_std) (flow matching)
-    t_std: float = 1.0
-    label_dropout: float = 0.0    # share of labels replaced by the null class: trains the unconditional
-                                  # model that classifier-free guidance needs (class-conditional nets only)
+    t_std: float = setting(1.0, above=0)
+    # share of labels replaced by the null class: trains the unconditional model that classifier-free
+    # guidance needs (class-conditional nets only)
+    label_dropout: float = setting(0.0, min=0, below=1)
 
 
 @dataclass
@@ -128,20 +173,22 @@ class MidConfig:
     teacher: Optional[str] = None        # run dir (or export dir) of the pre-trained teacher; required
     init: Literal["teacher", "random"] = "teacher"      # the student's starting weights
     teacher_sampler: Literal["dpm_solver_pp", "fm_euler", "fm_heun", "meanflow"] = "dpm_solver_pp"
-    solver_steps: int = 16               # N steps. consistency: DPM-Solver++ on the lambda-uniform grid;
+    solver_steps: int = setting(16, min=1)   # N steps. consistency: DPM-Solver++ on the lambda-uniform grid;
                                          # meanflow: the authors' "8 steps, 28 pairs" is 8 time points = 7 here
     solver_order: Literal[1, 2, 3] = 3
     data_start: bool = False             # x_T = x_0 + sigma_max*eps (authors' code) instead of sigma_max*eps
     loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
     feature_net: Optional[str] = None    # weights of the perceptual network for lpips / elatentlpips
-    cfg_scale: float = 1.0               # must match across the three stages (docs/method.md §5)
+    cfg_scale: float = setting(1.0, min=0)   # must match across the three stages (docs/method.md §5)
     # Where the pairs are made, not which (the same pairs and losses either way): serial = in line; thread =
     # ahead of the student in a background thread; teacher_ranks = on mid.teacher_ranks dedicated ranks
     # (docs/scale-out.md). Not "off": YAML reads a bare off as false.
     pipeline: Literal["serial", "thread", "teacher_ranks"] = may_change_on_resume("serial")
-    pipeline_depth: int = may_change_on_resume(2)   # micro-batches of pairs the producer may hold ready (>= 1)
-    teacher_ranks: int = may_change_on_resume(1)    # mid.pipeline=teacher_ranks: how many of the launched
-                                                    # ranks only roll the teacher out
+    pipeline_depth: int = setting(2, min=1, resume=True)   # micro-batches of pairs the producer may hold ready
+    teacher_ranks: int = setting(1, min=1, resume=True)    # mid.pipeline=teacher_ranks: how many of the
+                                                           # launched ranks only roll the teacher out
+    # A pipelined producer (thread or teacher ranks) that delivers nothing for this long stops training
+    producer_timeout_s: float = setting(1800.0, above=0, resume=True)
 
 
 @dataclass
@@ -153,67 +200,73 @@ class PostConfig:
     teacher: Optional[str] = None        # ECD's teacher run dir
     ecd_solver: Literal["euler", "heun"] = "heun"
     P_mean: float = -1.1                 # ECT/ECD: ln t ~ N(P_mean, P_std^2)
-    P_std: float = 2.0
-    q: float = 4096.0                    # ECT's fixed q (CIFAR-10 4096, AFHQ 1024, FFHQ 512)
-    k: float = 8.0
-    b: float = 1.0
+    P_std: float = setting(2.0, above=0)
+    q: float = setting(4096.0, above=0)  # ECT's fixed q (CIFAR-10 4096, AFHQ 1024, FFHQ 512)
+    k: float = setting(8.0, min=0)
+    b: float = setting(1.0, min=0)
     loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
     feature_net: Optional[str] = None
     mf_P_mean: float = -0.4              # MeanFlow: (r, t) logit-normal, sorted
-    mf_P_std: float = 1.0
-    mf_equal_fraction: float = 0.75      # share of samples with r = t
-    mf_adaptive_p: float = 1.0           # adaptive weight 1 / (||u - u_tgt||^2 + c)^p
-    mf_adaptive_c: float = 1.0e-3
-    cfg_scale: float = 1.0               # MeanFlow: guidance trained into u (MeanFlow Eq. 13); ECT/ECD: 1 only
-    label_dropout: float = 0.0           # MeanFlow: share of labels dropped to the null class (their target stays v)
+    mf_P_std: float = setting(1.0, above=0)
+    mf_equal_fraction: float = setting(0.75, min=0, max=1)   # share of samples with r = t
+    mf_adaptive_p: float = setting(1.0, min=0)     # adaptive weight 1 / (||u - u_tgt||^2 + c)^p
+    mf_adaptive_c: float = setting(1.0e-3, above=0)
+    cfg_scale: float = setting(1.0, min=0)   # MeanFlow: guidance trained into u (MeanFlow Eq. 13); ECT/ECD: 1
+    # MeanFlow: share of labels dropped to the null class (their target stays v)
+    label_dropout: float = setting(0.0, min=0, below=1)
 
 
 @dataclass
 class OptimConfig:
     name: Literal["adam", "adamw", "radam"] = "adam"
-    lr: float = 2e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    lr: float = setting(2e-3, above=0)
+    betas: list[float] = setting(default_factory=lambda: [0.9, 0.999], min=0, below=1, length=2)
+    eps: float = setting(1e-8, above=0)
+    weight_decay: float = setting(0.0, min=0)
     schedule: Literal["constant", "linear"] = "constant"   # linear: decays to 0 at train.total_kimg
-    warmup_kimg: float = 0.0
-    grad_clip: float = 0.0        # 0 disables clipping
+    warmup_kimg: float = setting(0.0, min=0)
+    grad_clip: float = setting(0.0, min=0)   # 0 disables clipping
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 128         # global batch, in images (pairs for mid-training)
-    total_kimg: float = may_change_on_resume(200.0)   # progress is counted in images, as in EDM
-    seed: int = 0
-    ema_beta: float = 0.999
+    batch_size: int = setting(128, min=1)   # global batch, in images (pairs for mid-training)
+    total_kimg: float = setting(200.0, above=0, resume=True)   # progress is counted in images, as in EDM
+    seed: int = setting(0, min=0, below=2**63)
+    ema_beta: float = setting(0.999, min=0, max=1)
     ema_warmup: bool = True       # beta_t = min(beta, (1+s)/(10+s)): without it EMA lags at small step counts
-    checkpoint_every_kimg: float = may_change_on_resume(25.0)
-    keep_checkpoints: int = may_change_on_resume(2)
-    log_every_kimg: float = may_change_on_resume(2.0)
+    checkpoint_every_kimg: float = setting(25.0, above=0, resume=True)
+    keep_checkpoints: int = setting(2, min=1, resume=True)
+    log_every_kimg: float = setting(2.0, above=0, resume=True)
     # also export the EMA net to snapshots/kimg-XXXXXX.X/ this often; 0 = off
-    snapshot_every_kimg: float = may_change_on_resume(0.0)
+    snapshot_every_kimg: float = setting(0.0, min=0, resume=True)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"
-    grad_accum: int = 1
+    grad_accum: int = setting(1, min=1)
     deepspeed_config: Optional[str] = None   # a JSON file; overrides zero_stage / precision / grad_accum
     progress: bool = may_change_on_resume(True)
+    # before_step: every optimizer step checks, before the update is applied, that the step's inputs, loss
+    # and gradients are finite (one host sync per step); deferred: only at log rows, snapshots and
+    # checkpoints (no per-step sync). Either way no checkpoint or export holds a non-finite step.
+    nan_check: Literal["before_step", "deferred"] = may_change_on_resume("before_step")
 
 
 @dataclass
 class SampleConfig:
     solver: Literal["dpm_solver_pp", "heun", "euler"] = "dpm_solver_pp"
-    steps: int = 16
+    steps: int = setting(16, min=1)
     order: Literal[1, 2, 3] = 3
-    num_images: int = 100         # grid size: a square number looks best
-    t_mid: float = 0.77569        # consistency 2-step sampling: re-noise to this σ (t_7 of the λ-uniform N=16 grid)
-    batch_size: int = 250
+    num_images: int = setting(100, min=1)   # grid size: a square number looks best
+    t_mid: float = setting(0.77569, above=0)   # consistency 2-step sampling: re-noise to this σ (t_7 of the
+                                               # λ-uniform N=16 grid)
+    batch_size: int = setting(250, min=1)
 
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 1000
-    batch_size: int = 250
-    seed: int = 12345
+    num_samples: int = setting(1000, min=2)
+    batch_size: int = setting(250, min=1)
+    seed: int = setting(12345, min=0)
 
 
 @dataclass
@@ -254,6 +307,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict[str, Any]:
     """A YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first and merged under it."""
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a directory: pass --config a YAML file, e.g. configs/digits.yaml")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist: pass --config with a YAML file from configs/")
     if path.resolve() in seen:
@@ -311,7 +366,22 @@ def from_dict(cls: type, raw: Any, prefix: str = "") -> Any:
             hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
             raise ConfigError(f"unknown config key '{prefix}{key}': {hint}valid keys in {where}: {', '.join(names)}")
         kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return cls(**kwargs)
+    for f in dataclasses.fields(cls):
+        bounds = f.metadata.get(_RANGE)
+        problem = bounds and f.name in kwargs and bounds.problem(kwargs[f.name])
+        if problem:
+            raise ConfigError(f"config key '{prefix}{f.name}' is {kwargs[f.name]!r}; it {problem}")
+    out = cls(**kwargs)
+    if cls is Config:
+        _check_across_sections(out)
+    return out
+
+
+def _check_across_sections(cfg: "Config") -> None:
+    """Rules that tie two fields together (each field's own range is checked where it is built)."""
+    m = cfg.model
+    if not m.sigma_min < m.sigma_max:
+        raise ConfigError(f"model.sigma_min={m.sigma_min:g} must be below model.sigma_max={m.sigma_max:g}")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -349,6 +419,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -6,7 +6,10 @@ config key, a file, a flag) and says what to change.
 
 
 class UserError(Exception):
-    """A bad input the user can fix; the message is one line that says how."""
+    """A bad input the user can fix; the message is one line that says how. The command-line handler
+    prints ``{prefix}: {message}`` and exits with ``exit_code``."""
+    prefix = "error"
+    exit_code = 2
 
 
 class ConfigError(UserError, ValueError):
@@ -31,3 +34,20 @@ class UnsupportedError(UserError, NotImplementedError):
 
 class DivergedError(UserError, FloatingPointError):
     """Training produced a non-finite loss; the message says at which step and what to change."""
+
+
+class DiskFullError(UserError, OSError):
+    """The disk filled while the run wrote a file; the message names it and what is still intact."""
+
+
+class StalledError(UserError, TimeoutError):
+    """A pipelined producer delivered nothing for longer than its timeout; the message names the step."""
+
+
+class Stopped(UserError):
+    """Training stopped on a signal (SIGTERM, SIGINT) after writing a checkpoint; not a failure of the run."""
+    prefix = "stopped"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

@@ -43,3 +43,25 @@ def cached_file(prefix: str, recipe: dict, directory: str | Path | None = None) 
     to the recipe trains anew rather than loading a stale network."""
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     return Path(directory or cache_dir()) / f"{prefix}_{digest}.safetensors"
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_identity(path: str | Path | None) -> str | None:
+    """sha256 of a file, or of a directory's files (names and contents, sorted): what a run read, recorded
+    so that a resume can tell when it changed. None for no path."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return sha256(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}\0{sha256(f)}\0".encode())
+    return digest.hexdigest()

@@ -8,7 +8,8 @@ environment variable ``CMT_KERNELS="op=impl,op=impl"`` (read once, at the first 
 config's ``kernels:`` section) and the ``forced`` context manager (this thread only: a producer thread
 the engine starts takes the forcing of the thread that started it, see :func:`forcing_of_this_thread`).
 Every call records what ran, so ``last_implementation(op)`` and ``implementations_run()`` answer "which
-kernel did that use?".
+kernel did that use?"; ``counting()`` counts what one thread ran within a block (what a training step
+used, whatever other threads did meanwhile).
 
 Forcing a fast path where it cannot run (Triton on CPU tensors without ``TRITON_INTERPRET=1``, an
 extension that did not build) raises rather than silently falling back.
@@ -29,7 +30,7 @@ OPS: dict[str, tuple[str, ...]] = {
 
 _policy: dict[str, str] = {}
 _env: dict[str, str] | None = None     # CMT_KERNELS, parsed on first use
-_local = threading.local()             # .forced: this thread's stack of (op, impl) from forced()
+_local = threading.local()             # .forced: this thread's forced() stack; .counting: its open counters
 _lock = threading.Lock()               # guards the records, written from producer threads too
 _last: dict[str, str] = {}
 _counts: Counter = Counter()
@@ -118,7 +119,22 @@ def record(op: str, impl: str) -> str:
     with _lock:
         _last[op] = impl
         _counts[(op, impl)] += 1
+    for counts in getattr(_local, "counting", ()):
+        counts[f"{op}:{impl}"] += 1
     return impl
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[Counter]:
+    """Within the block, count the implementations this thread runs: a Counter {"op:impl": calls}."""
+    if not hasattr(_local, "counting"):
+        _local.counting = []
+    counts = Counter()
+    _local.counting.append(counts)
+    try:
+        yield counts
+    finally:
+        _local.counting.remove(counts)
 
 
 def last_implementation(op: str):

@@ -135,7 +135,8 @@ def test_readme_is_short_and_the_deviations_are_written_down():
 def test_code_cites_the_paper_or_docs_not_missing_files_or_issues():
     bad = []
     for path in [*ENGINE.rglob("*.py"), *(ROOT / "kernels").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
-                 ROOT / "setup.py", ROOT / "Makefile"]:
+                 *(ROOT / "tools").glob("*.py"), *(ROOT / "configs").rglob("*.yaml"), ROOT / "setup.py",
+                 ROOT / "Makefile"]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             missing = [f for f in re.findall(r"\b(?:docs|tests)/[\w/.-]+\.(?:py|md)", line) if not (ROOT / f).is_file()]
             if missing or re.search(r"\bSPEC\b|\bissue #?\d|\(#\d+\)", line):

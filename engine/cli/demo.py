@@ -8,12 +8,11 @@ floor), and loss.png (one panel per stage).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-from engine.cli import entry_point
+from engine.cli import CommandParser, entry_point
 from engine.cli.train import train
 from engine.eval.frechet import METRIC_NAME
 from engine.eval.generate import generate, save_grid
@@ -28,7 +27,7 @@ TITLES = {"pre": "pre-training (teacher)", "mid": "mid-training (CMT)", "post": 
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--pre", default=str(ROOT / "configs" / "digits.yaml"))
     p.add_argument("--mid", default=str(ROOT / "configs" / "digits_cmt.yaml"))

@@ -7,11 +7,10 @@ same architecture untrained (initialised with the run's seed), so the number has
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from engine.cli import entry_point
+from engine.cli import CommandParser, entry_point, positive
 from engine.eval.frechet import METRIC_NAME
 from engine.eval.report import report
 from engine.models.weights import load_exported
@@ -19,11 +18,11 @@ from engine.models.weights import load_exported
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--run-dir", required=True, help="a training run dir (or its export/ dir)")
     p.add_argument("--json", required=True, help="where to write the report")
-    p.add_argument("--num-samples", type=int, default=None, help="default: the run's eval.num_samples")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--num-samples", type=positive, default=None, help="default: the run's eval.num_samples")
+    p.add_argument("--steps", type=positive, default=None)
     p.add_argument("--solver", choices=["dpm_solver_pp", "heun", "euler"], default=None)
     p.add_argument("--order", type=int, choices=[1, 2, 3], default=None)
     p.add_argument("--no-untrained", action="store_true", help="skip scoring the untrained network")

@@ -9,16 +9,15 @@ engine/models/weights.py says which files are read and how keys are matched. ``R
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from engine.cli import entry_point
+from engine.cli import CommandParser, entry_point
 from engine.models.weights import import_weights
 
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--config", required=True, help="YAML whose network.* / data.* the weights were trained with")
     p.add_argument("--weights", required=True, help=".safetensors, .pt or .pth state dict")
     p.add_argument("--out", required=True, help="run dir to create; the export goes to RUN_DIR/export")

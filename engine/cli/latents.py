@@ -7,15 +7,14 @@ engine/data/latents.py describes the formats and the two normalisations.
 """
 from __future__ import annotations
 
-import argparse
 
-from engine.cli import entry_point
+from engine.cli import CommandParser, entry_point
 from engine.data.latents import NORMS, decode_file, encode_dataset
 
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     enc = sub.add_parser("encode", help="images -> normalised latent shards")
     enc.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder")

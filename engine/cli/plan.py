@@ -6,10 +6,9 @@ engine/trainer/plan.py says how each figure is computed.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from engine.cli import entry_point
+from engine.cli import CommandParser, entry_point
 from engine.config import load_config
 from engine.errors import ConfigError
 from engine.trainer.plan import format_plan, plan
@@ -17,7 +16,7 @@ from engine.trainer.plan import format_plan, plan
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--config", required=True)
     p.add_argument("--stage", default="mid", choices=["pre", "mid", "post"])
     p.add_argument("--gpus", type=int, default=8)

@@ -4,16 +4,15 @@
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from engine.cli import entry_point
+from engine.cli import CommandParser, entry_point
 from engine.eval.plots import plot_losses, read_log
 
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--run-dir", action="append", required=True, help="repeat to overlay several runs")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)

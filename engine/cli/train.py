@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.cli import entry_point
+from engine.cli import CommandParser, entry_point
 from engine.config import load_config
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(description=__doc__)
     p.add_argument("--stage", required=True, choices=["pre", "mid", "post"])
     p.add_argument("--config", required=True, help="YAML file, e.g. configs/digits.yaml")
     p.add_argument("--run-dir", default=None,

@@ -5,8 +5,8 @@
 
 The authors' recipe (docs/method.md §7): SGD lr 0.1, momentum 0.9, weight decay 1e-4, lr ÷10 every 30% of
 the epochs (30/60/90 of 100). ``--width``/``--depth``/``--epochs`` scale it down for small data (the full
-net is --width 1, no --depth). Augmentation while training: random integer shifts (and x-flips with --flip), the geometric
-augmentations the ensembled distance also uses. A seeded held-out split reports accuracy.
+net is --width 1, no --depth). Augmentation while training: random integer shifts (and x-flips with --flip),
+the geometric augmentations the ensembled distance also uses. A seeded held-out split reports accuracy.
 
 Writes ``--out`` (safetensors with the architecture in its metadata, what ``build_distance`` and the
 ``mid.feature_net``/``post.feature_net`` config keys load) and ``--out`` with a ``.json`` suffix
@@ -14,7 +14,6 @@ Writes ``--out`` (safetensors with the architecture in its metadata, what ``buil
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.cli import entry_point
+from engine.cli import CommandParser, entry_point
 from engine.data.dataset import build_dataset
 from engine.errors import ConfigError, DataError, MissingFileError
 from engine.losses.feature_nets import save_feature_net, train_feature_classifier
@@ -64,7 +63,7 @@ def split(images: torch.Tensor, labels: torch.Tensor, heldout_fraction: float, s
 
 @entry_point
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CommandParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="latents .npy [N,C,H,W], or 'digits'")
     p.add_argument("--labels", help="class labels .npy [N] (with a .npy --data)")
     p.add_argument("--out", required=True, help="output .safetensors")

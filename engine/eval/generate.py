@@ -41,7 +41,7 @@ def generate(net: torch.nn.Module, cfg: Config, kind: str, num: int, seed: int, 
     The noise is drawn at once from `seed`, so the images do not depend on batch_size.
     """
     teacher = kind in ("edm", "flow")
-    steps = steps or (cfg.sample.steps if teacher else 1)
+    steps = steps if steps is not None else (cfg.sample.steps if teacher else 1)
     if steps < 1 or (kind == "consistency" and steps > 2):
         raise ConfigError(f"{steps} sampling steps for a '{kind}' network: teachers and MeanFlow take 1 or more, a "
                           "consistency model 1 or 2 (it re-noises to sample.t_mid between them)")

@@ -10,7 +10,7 @@ import time
 import torch
 
 from engine.config import Config
-from engine.errors import UnsupportedError
+from engine.errors import ConfigError, UnsupportedError
 from engine.eval.frechet import METRIC_NAME, evaluate_images
 from engine.eval.generate import generate
 from engine.models.factory import build_raw_network, model_kind
@@ -22,7 +22,10 @@ def evaluate_network(net: torch.nn.Module, cfg: Config, kind: str, num_samples: 
     if cfg.data.source != "digits":
         raise UnsupportedError("cmt-evaluate scores the embedded digits only (its feature net is trained on them); "
                           f"this run uses data.source={cfg.data.source}")
-    images = generate(net, cfg, kind, num_samples or cfg.eval.num_samples, cfg.eval.seed, **sampler)
+    num = cfg.eval.num_samples if num_samples is None else num_samples
+    if num < 2:
+        raise ConfigError(f"{num} samples: a Fréchet distance needs at least 2 (a covariance)")
+    images = generate(net, cfg, kind, num, cfg.eval.seed, **sampler)
     return evaluate_images(images, resolution=cfg.data.resolution)
 
 

@@ -20,11 +20,10 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from engine.config import Config, from_dict, load_config, save_config
+from engine.config import Config, load_config, read_saved_config, save_config
 from engine.errors import ConfigError, DataError, MissingFileError
 from engine.files import write_atomically, write_text_atomically
 from engine.models.factory import arch_signature, build_raw_network
@@ -63,14 +62,25 @@ def load_exported(path: str | Path, config_key: str | None = None,
         export_dir = resolve_export_dir(path)
     except MissingFileError as exc:
         raise MissingFileError(f"{where}{exc}") from None
-    cfg = from_dict(Config, yaml.safe_load((export_dir / "config.yaml").read_text()))
+    if not (export_dir / "config.yaml").is_file():
+        raise MissingFileError(f"{where}'{export_dir}' has network.safetensors but no config.yaml (the config "
+                               "that built the network): copy it from the run dir, or re-export")
+    try:
+        cfg = read_saved_config(export_dir / "config.yaml")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
     net = build_raw_network(cfg)
     try:
         state = load_file(str(export_dir / "network.safetensors"))
     except Exception as exc:  # safetensors raises several types for a truncated or foreign file
         raise DataError(f"{where}'{export_dir / 'network.safetensors'}' is not a readable safetensors file "
                         f"({exc}): re-export it from the run's checkpoints") from None
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:   # shapes that do not fit the config
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise ConfigError(f"{where}'{export_dir}/network.safetensors' does not fit its config.yaml ({detail}): "
+                          "the two come from different runs; re-export them together") from None
     if missing or unexpected:
         raise ConfigError(f"{where}'{export_dir}' does not match its config: missing keys {missing[:5]}, "
                           f"unexpected keys {unexpected[:5]}")

@@ -34,6 +34,7 @@ class Pipeline:
     mode: str = "serial"
     depth: int = 2
     teacher_ranks: int = 1
+    timeout_s: float = 1800.0    # a producer that delivers nothing for this long stops training
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ class Stage(ABC):
 
     def check_batch(self, micro_batch: int) -> None:
         """Refuse a per-rank micro-batch this stage cannot split (checked once, before training)."""
+
+    def identity(self) -> dict[str, str]:
+        """The files this stage reads besides the config (a teacher's export, a feature net), by config key,
+        as content hashes: recorded in every checkpoint, so a resume notices when one was replaced."""
+        return {}
 
     @abstractmethod
     def prepare(self, batch: dict, generator: torch.Generator) -> Any:

@@ -28,7 +28,8 @@ from engine.errors import ConfigError
 from engine.formulas.grids import edm_lambda_uniform_sigmas, fm_uniform_times
 from engine.losses.distances import build_distance
 from engine.models.factory import build_raw_network, model_kind, wrap_network
-from engine.models.weights import load_exported, transfer_weights
+from engine.files import file_identity
+from engine.models.weights import load_exported, resolve_export_dir, transfer_weights
 from engine.stages.base import PairCost, Pipeline, Stage
 from engine.stages.pairs import CountedTeacher, TrajectoryPairs
 from engine.stages.rollout import (consistency_pairs, kd_pairs, meanflow_pairs, meanflow_pairs_per_trajectory,
@@ -63,7 +64,7 @@ class MidTraining(Stage):
         mid = cfg.mid
         self.form, self.method = mid.form, mid.method
         _check_mid_config(cfg)
-        self.pipeline = Pipeline(mid.pipeline, mid.pipeline_depth, mid.teacher_ranks)
+        self.pipeline = Pipeline(mid.pipeline, mid.pipeline_depth, mid.teacher_ranks, mid.producer_timeout_s)
         # The student first, so its seeded init does not depend on the teacher (building it draws from
         # the global RNG that the trainer seeded).
         student = build_raw_network(cfg)
@@ -71,6 +72,7 @@ class MidTraining(Stage):
             raise ConfigError("mid.teacher is not set: set mid.teacher to the pre-training run dir "
                               "(e.g. --set mid.teacher=runs/digits-pre)")
         teacher_cfg, teacher_net, meta = load_exported(mid.teacher, "mid.teacher")
+        self.teacher_dir = resolve_export_dir(mid.teacher)
         self.teacher_cfg = teacher_cfg
         self.teacher_kind = model_kind(teacher_cfg, meta.get("stage", "pre"))
         _check_teacher(cfg, teacher_cfg, self.teacher_kind, mid.teacher)
@@ -116,6 +118,10 @@ class MidTraining(Stage):
         self.teacher.to(device)
         self.distance.to(device)
         return self
+
+    def identity(self) -> dict[str, str]:
+        return {"mid.teacher": file_identity(self.teacher_dir),
+                **({"mid.feature_net": file_identity(self.cfg.mid.feature_net)} if self.cfg.mid.feature_net else {})}
 
     def check_batch(self, micro_batch: int) -> None:
         if micro_batch % self.pairs_per_trajectory:

@@ -52,7 +52,8 @@ from engine.formulas.flow import fm_interpolate, fm_velocity_target, sample_mean
 from engine.formulas.guidance import drop_labels, guided
 from engine.losses.distances import build_distance
 from engine.models.factory import build_raw_network, model_kind, wrap_network
-from engine.models.weights import load_exported, transfer_weights
+from engine.files import file_identity
+from engine.models.weights import load_exported, resolve_export_dir, transfer_weights
 from engine.sampling.solvers import edm_euler, edm_heun
 from engine.stages.base import PairCost, Stage, check_label_dropout
 
@@ -139,6 +140,13 @@ class PostTraining(Stage):
         nfe = 0.0 if p.method == "ect" else (1.0 if p.ecd_solver == "euler" else 2.0)
         return PairCost(teacher_nfe=nfe, student_grad=1.0, student_nograd=1.0, distance=post_distance(cfg))
 
+    def identity(self) -> dict[str, str]:
+        p = self.cfg.post
+        out = {"post.teacher": file_identity(resolve_export_dir(p.teacher))} if self.method == "ecd" else {}
+        if p.feature_net and self.method != "meanflow":
+            out["post.feature_net"] = file_identity(p.feature_net)
+        return out
+
     def to(self, device: torch.device) -> "PostTraining":
         if self.teacher is not None:
             self.teacher.to(device)
@@ -158,6 +166,11 @@ class PostTraining(Stage):
         src_cfg, src_net, meta = load_exported(p.init_from, "post.init_from")
         student_kind = model_kind(self.cfg, "post")
         stage = meta.get("stage")
+        expected = ("mid", "post") if p.init == "mid" else ("pre",)
+        if stage is not None and stage not in expected:
+            raise ConfigError(f"post.init={p.init} starts from a {what}, but post.init_from='{p.init_from}' holds a "
+                              f"{stage}-stage export: point post.init_from at the {what}'s run dir, or set "
+                              f"post.init={'teacher' if stage == 'pre' else 'mid'}")
         src_kind = model_kind(src_cfg, stage) if stage in ("pre", "mid", "post") else None
         if src_kind is not None and src_kind not in _COMPATIBLE_SOURCES[student_kind]:
             raise ConfigError(f"post.init_from='{p.init_from}' holds a '{src_kind}' network ({stage} stage) but "

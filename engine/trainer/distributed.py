@@ -128,7 +128,14 @@ def _base_deepspeed_config(cfg: Config) -> dict:
         if not path.is_file():
             raise MissingFileError(f"train.deepspeed_config '{path}' does not exist: use a file from "
                                    "configs/deepspeed/")
-        return json.loads(path.read_text())
+        try:
+            ds = json.loads(path.read_text())
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"train.deepspeed_config '{path}' is not readable JSON ({error}): fix it or use a "
+                              "file from configs/deepspeed/") from None
+        if not isinstance(ds, dict):
+            raise ConfigError(f"train.deepspeed_config '{path}' must hold a JSON object, not {type(ds).__name__}")
+        return ds
     ds = {"zero_optimization": {"stage": t.zero_stage}}
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}

@@ -1,68 +1,79 @@
-"""What a run reports while it trains: one log.jsonl row per interval, a progress bar, finiteness checks.
+"""What a run reports while it trains: one log.jsonl row per interval, and a progress bar.
 
 Losses and gradient norms stay on the device until a row is written, so the host does not wait for the
-device every step; a non-finite loss is noticed at the next row or checkpoint, with the step it appeared.
+device every step. The open interval (the losses since the last row), the kernels counted and the stage's
+counters travel in each checkpoint, so the first row after a resume is the row an uninterrupted run writes.
+On every start the log is cut back to the step the run starts from (nothing, for a fresh run), dropping a
+line a kill left half written.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections import Counter
+
 import torch
 
 from engine.config import TrainConfig
-from engine.errors import DivergedError
+from engine.files import write_text_atomically
 from engine.trainer.checkpoint import Progress
 from engine.trainer.distributed import World, mean_over_ranks
-from kernels import dispatch
 
 
 class TrainingLog:
-    def __init__(self, run_dir, world: World, train: TrainConfig, progress: Progress, stage_name: str,
-                 makes_pairs: bool, resumed: bool):
+    def __init__(self, run_dir, world: World, train: TrainConfig, stage_name: str, makes_pairs: bool):
         self.path, self.world, self.train, self.makes_pairs = run_dir / "log.jsonl", world, train, makes_pairs
+        self.stage_name = stage_name
         self.micro = train.batch_size // (world.students * train.grad_accum)
         self.rate = "pairs/s" if makes_pairs else "img/s"
-        self.bar = _progress_bar(world.is_main and train.progress, int(train.total_kimg * 1000), progress.nimg,
-                                 f"{stage_name}{' (resumed)' if resumed else ''}")
-        self._first_bad_step = None   # device tensor: the first step with a non-finite loss, or -1
+        self.kernels = Counter()   # implementations every step so far ran ({"op:impl": calls}), in every process
+        self.bar = None
         self._reset()
 
     def _reset(self) -> None:
         self.losses, self.grad_norms, self.tick = [], [], time.time()
         self.teacher_sec = self.student_sec = 0.0
 
-    def micro_step(self, loss: torch.Tensor, step: int, teacher_sec: float, student_sec: float) -> None:
-        loss = loss.detach()
-        self.losses.append(loss)
+    def start(self, progress: Progress, saved: dict | None) -> None:
+        """Cut log.jsonl back to ``progress`` and take up the interval a checkpoint left open (``saved``)."""
+        if saved:
+            self.losses = [torch.tensor(v, device=self.world.device) for v in saved["losses"]]
+            self.grad_norms = list(saved["grad_norms"])
+            self.kernels = Counter(saved["kernels"])
+        if self.world.is_main:
+            kept = []
+            if self.path.is_file():
+                for line in self.path.read_text().splitlines():
+                    try:
+                        if json.loads(line)["step"] <= progress.step:
+                            kept.append(line)
+                    except (ValueError, KeyError, TypeError):
+                        break   # a half-written last line (or anything after it)
+            write_text_atomically(self.path, "".join(line + "\n" for line in kept))
+        enabled = self.world.is_main and self.train.progress
+        self.bar = _progress_bar(enabled, int(self.train.total_kimg * 1000), progress.nimg,
+                                 f"{self.stage_name}{' (resumed)' if progress.step else ''}")
+
+    def state_dict(self) -> dict:
+        """The open interval, for a checkpoint (one host sync)."""
+        return {"losses": [float(v) for v in self.losses], "kernels": dict(self.kernels),
+                "grad_norms": [None if n is None else float(n) for n in self.grad_norms]}
+
+    def micro_step(self, loss: torch.Tensor, teacher_sec: float, student_sec: float, kernels: Counter) -> None:
+        """One micro-step's loss, seconds and kernels (its prepared inputs' and its student's)."""
+        self.losses.append(loss.detach())
         self.teacher_sec += teacher_sec
         self.student_sec += student_sec
-        bad = torch.where(torch.isfinite(loss), -1, step)
-        self._first_bad_step = bad if self._first_bad_step is None else \
-            torch.where(self._first_bad_step >= 0, self._first_bad_step, bad)
+        self.kernels.update(kernels)
 
     def step(self, grad_norm) -> None:
         self.grad_norms.append(grad_norm)
         self.bar.update(self.train.batch_size)
 
-    def check_finite(self) -> None:
-        """Raise on every rank if any rank's loss was not finite since the start (one host sync, collective:
-        every rank calls it at the same steps)."""
-        never = torch.iinfo(torch.int64).max
-        first = torch.full((), never, dtype=torch.int64, device=self.world.device)
-        if self._first_bad_step is not None:
-            first = torch.where(self._first_bad_step >= 0, self._first_bad_step, first)
-        if self.world.students > 1:
-            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
-        if int(first) != never:
-            step = int(first)
-            raise DivergedError(f"the loss became non-finite at step {step} (kimg "
-                                f"{step * self.train.batch_size / 1000:.1f}): lower optim.lr or set optim.grad_clip")
-
     def write(self, progress: Progress, lr: float, counters: dict) -> None:
         """One row for the interval since the last: mean loss over ranks, lr, speed, gradient norm, counted
         work and the kernels used."""
-        self.check_finite()
         mean_loss = mean_over_ranks(torch.stack(self.losses).mean())
         elapsed = time.time() - self.tick
         kimg_done = len(self.losses) * self.micro * self.world.students / 1000
@@ -72,10 +83,10 @@ class TrainingLog:
             # this rank's seconds in the interval making pairs (in the producer thread when pipelined, so the
             # two may add up to more than the wall time) and training on them
             row.update(teacher_sec=self.teacher_sec, student_sec=self.student_sec)
-        if self.grad_norms[-1] is not None:
+        if self.grad_norms and self.grad_norms[-1] is not None:
             row["grad_norm"] = sum(float(n) for n in self.grad_norms) / len(self.grad_norms)
         row.update(counters)                                   # counted work (teacher NFEs, pairs, ...)
-        row["kernels"] = dispatch.implementations_run()        # which implementation each op used
+        row["kernels"] = dict(sorted(self.kernels.items()))   # which implementation each op used
         if self.world.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -84,7 +95,8 @@ class TrainingLog:
         self._reset()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _NullBar:

@@ -21,7 +21,9 @@ Guarantees, whatever the producer:
   ``make`` to draw from the job's own generator only, never the global RNG, which the student's dropout
   uses in the other thread (MidTraining.prepare guarantees this; the teacher is in eval mode).
 - **Failure, not a hang.** An exception in the producer is re-raised by the consumer at the job it
-  failed on, with a note saying where it came from; a producer that vanishes without one is an error too.
+  failed on, with a note saying where it came from (SystemExit and KeyboardInterrupt too, as a
+  RuntimeError with their message); a producer that vanishes without one is an error too, and one that
+  delivers nothing for ``timeout_s`` (mid.producer_timeout_s) stops training with a one-line StalledError.
 - **Resume.** A producer holds nothing a checkpoint needs: pairs made but not yet used are a function of
   their jobs' seeds and are made again after a restart.
 """
@@ -30,11 +32,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from engine.errors import StalledError
 from engine.stages.base import Stage
 from engine.trainer.batches import MicroJob
 from kernels import dispatch
@@ -42,10 +46,12 @@ from kernels import dispatch
 
 @dataclass
 class Produced:
-    """A job with what ``make`` returned for it and the seconds that took (the teacher's time)."""
+    """A job with what ``make`` returned for it, the seconds that took (the teacher's time) and the kernel
+    implementations it ran ({"op:impl": calls}, wherever it was made)."""
     job: MicroJob
     prepared: Any
     seconds: float
+    kernels: Counter = field(default_factory=Counter)
     ready: Optional[Any] = None     # CUDA event recorded after the pairs were made on the side stream
 
 
@@ -66,8 +72,9 @@ class SerialProducer:
     def __next__(self) -> Produced:
         job = next(self.jobs)
         start = time.perf_counter()
-        pairs = self.make(job)
-        return Produced(job, pairs, time.perf_counter() - start)
+        with dispatch.counting() as kernels:
+            pairs = self.make(job)
+        return Produced(job, pairs, time.perf_counter() - start, kernels)
 
     def close(self) -> None:
         """Nothing runs in the background; present so both producers are used the same way."""
@@ -96,10 +103,12 @@ class ThreadedProducer(SerialProducer):
     _POLL_S = 0.5
 
     def __init__(self, jobs: Iterator[MicroJob], make: Callable[[MicroJob], Any], depth: int = 2,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", timeout_s: float = 1800.0):
         if depth < 1:
             raise ValueError(f"pipeline depth must be >= 1, got {depth}")
         super().__init__(jobs, make)
+        self.timeout_s = timeout_s
+        self._working_on: Optional[MicroJob] = None   # the job the producer thread is making
         self.device = torch.device(device)
         self._forcing = dispatch.forcing_of_this_thread()   # kernels forced where the producer was made
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -120,15 +129,17 @@ class ThreadedProducer(SerialProducer):
             for job in self.jobs:
                 if self._stop.is_set():
                     return
+                self._working_on = job
                 start = time.perf_counter()
-                if side is None:
-                    item = Produced(job, self.make(job), time.perf_counter() - start)
-                else:
-                    with torch.cuda.stream(side):
-                        pairs = self.make(job)
-                        ready = torch.cuda.Event()
-                        ready.record(side)
-                    item = Produced(job, pairs, time.perf_counter() - start, ready)
+                with dispatch.counting() as kernels:
+                    if side is None:
+                        item = Produced(job, self.make(job), time.perf_counter() - start, kernels)
+                    else:
+                        with torch.cuda.stream(side):
+                            pairs = self.make(job)
+                            ready = torch.cuda.Event()
+                            ready.record(side)
+                        item = Produced(job, pairs, time.perf_counter() - start, kernels, ready)
                 if not self._put(item):
                     return
             self._put(_Failed(job, RuntimeError("the job stream of the pair producer ended")))
@@ -148,22 +159,34 @@ class ThreadedProducer(SerialProducer):
     def __next__(self) -> Produced:
         if self._failed:
             raise RuntimeError("the pair producer failed earlier: start a new one")
+        waited = 0.0
         while True:
             try:
                 item = self._queue.get(timeout=self._POLL_S)
                 break
             except queue.Empty:
+                waited += self._POLL_S
                 if not self._thread.is_alive() and self._queue.empty():
                     self._failed = True
                     raise RuntimeError("the pair producer thread stopped without a result or an error "
                                        "(was the producer closed?)") from None
+                if waited >= self.timeout_s:
+                    self._failed = True
+                    job = self._working_on
+                    where = "" if job is None else f" (it is making step {job.step}, micro-step {job.micro})"
+                    raise StalledError(f"the pair producer delivered nothing for {self.timeout_s:g} s{where}: is "
+                                       "the teacher stuck? raise mid.producer_timeout_s if it is only slow") from None
         if isinstance(item, _Failed):
             self._failed = True
             self.close()
             where = "" if item.job is None else f" while making the pairs of step {item.job.step}, " \
                                                 f"micro-step {item.job.micro}"
-            item.error.add_note(f"raised in the pipelined pair producer{where} (mid.pipeline=thread)")
-            raise item.error
+            error = item.error
+            if not isinstance(error, Exception):   # SystemExit, KeyboardInterrupt: not the main thread's to obey
+                error = RuntimeError(f"the pair producer stopped with {type(error).__name__}: {error}")
+                error.__cause__ = item.error
+            error.add_note(f"raised in the pipelined pair producer{where} (mid.pipeline=thread)")
+            raise error
         if item.ready is not None:   # CUDA: the student's stream waits for the side stream's work
             current = torch.cuda.current_stream(self.device)
             current.wait_event(item.ready)

@@ -1,7 +1,8 @@
 """The trained side of a run: the DeepSpeed engine around the stage's model, its lr schedule and the EMA.
 
 ZeRO-3 shards the parameters: the EMA update gathers them (deepspeed.zero.GatheredParameters), and the EMA
-is exported through a copy of the network taken before DeepSpeed partitioned it.
+is exported through a copy of the network taken before DeepSpeed partitioned it. Checkpoints are read
+without running code from them (:func:`safe_load`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,30 @@ from engine.config import Config
 from engine.models.weights import export_network
 from engine.trainer.distributed import World, deepspeed_config
 from engine.trainer.optim import EMA, build_optimizer, lr_factor
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading DeepSpeed's files without running code
+# --------------------------------------------------------------------------------------------------
+def _deepspeed_types() -> list:
+    """The non-tensor types DeepSpeed 0.19 pickles into its checkpoints (ZeRO 1-3, fp32 and bf16)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path, map_location=None):
+    """torch.load that unpickles tensors, containers and the DeepSpeed types of _deepspeed_types only: a
+    planted payload is refused."""
+    with torch.serialization.safe_globals(_deepspeed_types()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_safe_loading(engine) -> None:
+    """Make a DeepSpeed engine read every checkpoint file through :func:`safe_load`."""
+    engine.checkpoint_engine.load = safe_load
+
 
 
 class Student:
@@ -34,6 +59,7 @@ class Student:
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        use_safe_loading(self.engine)
         # Weights a network renormalises itself (EDM2's forced weight normalisation), see _renormalize_masters.
         self._forced_norm = [(m.weight, m.normalize_weight) for m in self.model.modules()
                              if hasattr(m, "normalize_weight")]
@@ -42,23 +68,26 @@ class Student:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def backward_and_step(self, loss: torch.Tensor) -> Optional[torch.Tensor]:
-        """Backward and (at the accumulation boundary) the optimizer step for one micro-step.
-
-        Returns the global gradient norm before clipping at the boundary (a tensor where it is one, so the
-        host need not wait for it), else None."""
+    def backward(self, loss: torch.Tensor) -> bool:
+        """Backpropagate one micro-step; True at the accumulation boundary (the next step() updates)."""
         self.engine.backward(loss)
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        norm = None
-        if boundary and self.zero_stage == 0:   # gone after step(); ZeRO >= 1 keeps its own
-            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-            norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        return self.engine.is_gradient_accumulation_boundary()
+
+    def grad_norm_before_step(self) -> Optional[torch.Tensor]:
+        """The global gradient norm before clipping, on the device, where it exists before the update
+        (ZeRO-0: the gradients are the parameters' own; ZeRO 1-3 give theirs after step())."""
+        if self.zero_stage > 0:
+            return None
+        grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        return torch.stack(grads).norm() if grads else torch.zeros((), device=self.engine.device)
+
+    def step(self, boundary: bool) -> Optional[float]:
+        """DeepSpeed's step (an update at the boundary); returns ZeRO 1-3's gradient norm there."""
         self.engine.step()
-        if boundary:
-            self._renormalize_masters()
-            if self.zero_stage > 0:
-                norm = self.engine.get_global_grad_norm()
-        return norm
+        if not boundary:
+            return None
+        self._renormalize_masters()
+        return self.engine.get_global_grad_norm() if self.zero_stage > 0 else None
 
     @torch.no_grad()
     def _renormalize_masters(self) -> None:

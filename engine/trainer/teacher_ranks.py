@@ -4,10 +4,10 @@ Of the W launched ranks the first S = W - K train the student (DeepSpeed's world
 engine.trainer.distributed.init_teacher_ranks) and the last K only roll the teacher out. Teacher rank k serves the
 student ranks r with r % K == k: it makes the pairs of exactly the jobs that student would make serially
 (same batch slice, same seed step_seed(seed, step, m·S + r)) and sends them point to point over a gloo
-group spanning all W ranks. A message is an int64 header [kind, length], a pickled description (job
-identity, field shapes and dtypes, counters) and the tensors. Gloo's send completes only once the
-receiver has posted the matching recv, so a teacher with ``depth`` unreceived sends per student waits:
-at most ``depth`` micro-batches of pairs are made ahead. The student checks each message against the
+group spanning all W ranks. A message is an int64 header [kind, length], a JSON description (job
+identity, field shapes and dtypes, counters) and the tensors: nothing received is unpickled. Gloo's send
+completes only once the receiver has posted the matching recv, so a teacher with ``depth`` unreceived sends
+per student waits: at most ``depth`` micro-batches of pairs are made ahead. The student checks each message against the
 job it expects (step, micro-step, seed), so a pair lost, reordered or used twice is an error. A teacher
 that fails sends an error message in place of the pairs, and the student raises it.
 """
@@ -15,44 +15,62 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import math
-import pickle
 import time
 import traceback
+from collections import Counter
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
 from engine.config import TrainConfig
+from engine.errors import StalledError, Stopped
 from engine.stages.base import Stage
 from engine.trainer.batches import BatchPlan, MicroJob
 from engine.trainer.distributed import World
 from engine.trainer.producers import Produced, SerialProducer, preparer
+from engine.trainer.signals import SignalFlag
+from kernels import dispatch
 
 MSG_PAIRS, MSG_ERROR, MSG_START = 0, 1, 2
+DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                                     torch.int64, torch.int32, torch.uint8, torch.bool)}
 
 
 def send_message(group, dst: int, kind: int, meta: dict, tensors: dict | None = None) -> list:
     """Post the sends of one message to ``dst``; returns the works (keep them, and their tensors, alive
     until they are waited on)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in (tensors or {}).items()}
-    meta = dict(meta, tensors={k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()})
-    blob = torch.frombuffer(bytearray(pickle.dumps(meta)), dtype=torch.uint8)
+    meta = dict(meta, tensors={k: (list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()})
+    blob = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
     header = torch.tensor([kind, blob.numel()], dtype=torch.int64)
     messages = [header, blob, *tensors.values()]
     return [(group.send([m], dst, 0), m) for m in messages]
 
 
-def recv_message(group, src: int, device: torch.device | str = "cpu") -> tuple[int, dict, dict]:
-    """Receive one message from ``src`` (blocking): (kind, meta, tensors on ``device``)."""
-    def recv(tensor):
-        group.recv([tensor], src, 0).wait()
+def recv_message(group, src: int, device: torch.device | str = "cpu",
+                 timeout_s: Optional[float] = None) -> tuple[int, dict, dict]:
+    """Receive one message from ``src``: (kind, meta, tensors on ``device``). Waits at most ``timeout_s`` for
+    it to begin (StalledError), then for the rest; only tensors of the known dtypes are accepted."""
+    def recv(tensor, timeout=None):
+        work = group.recv([tensor], src, 0)
+        work.wait() if timeout is None else work.wait(timeout)
         return tensor
 
-    kind, length = recv(torch.empty(2, dtype=torch.int64)).tolist()
-    meta = pickle.loads(recv(torch.empty(length, dtype=torch.uint8)).numpy().tobytes())
-    tensors = {k: recv(torch.empty(shape, dtype=getattr(torch, dtype))).to(device)
-               for k, (shape, dtype) in meta.pop("tensors").items()}
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    try:
+        kind, length = recv(torch.empty(2, dtype=torch.int64), timeout).tolist()
+    except RuntimeError as error:
+        if timeout is None or "timed out" not in str(error).lower():
+            raise
+        raise StalledError(f"teacher rank {src} sent nothing for {timeout_s:g} s: is the teacher stuck? raise "
+                           "mid.producer_timeout_s if it is only slow") from None
+    meta = json.loads(recv(torch.empty(length, dtype=torch.uint8)).numpy().tobytes())
+    specs = meta.pop("tensors")
+    if any(dtype not in DTYPES for _, dtype in specs.values()):
+        raise RuntimeError(f"teacher rank {src} sent tensors of dtypes {[d for _, d in specs.values()]}")
+    tensors = {k: recv(torch.empty(shape, dtype=DTYPES[dtype])).to(device) for k, (shape, dtype) in specs.items()}
     return kind, meta, tensors
 
 
@@ -82,13 +100,14 @@ def serve_pairs(group, plan: Iterator[tuple[int, MicroJob]], make: Callable[[Mic
             while len(pending[dst]) >= depth:
                 _wait(pending[dst].pop(0))
             start = time.perf_counter()
-            pairs = make(job)
+            with dispatch.counting() as kernels:
+                pairs = make(job)
             seconds = time.perf_counter() - start
             fields = {f.name: getattr(pairs, f.name) for f in dataclasses.fields(pairs)}
             tensors = {k: v for k, v in fields.items() if isinstance(v, torch.Tensor)}
             values = {k: v for k, v in fields.items() if k not in tensors}
             pending[dst].append(send_message(group, dst, MSG_PAIRS, {**_job_meta(job), "seconds": seconds,
-                                                                     "values": values}, tensors))
+                                                                     "kernels": kernels, "values": values}, tensors))
             served += 1
         for works in pending.values():
             for w in works:
@@ -114,16 +133,21 @@ class RemoteProducer(SerialProducer):
     """
 
     def __init__(self, jobs: Iterator[MicroJob], group, src: int, build: Callable[..., Any],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", timeout_s: Optional[float] = None):
         super().__init__(jobs, make=None)
         self.group, self.src, self.build, self.device = group, src, build, torch.device(device)
+        self.timeout_s = timeout_s
         self._failed = False
 
     def __next__(self) -> Produced:
         if self._failed:
             raise RuntimeError(f"the pair stream from teacher rank {self.src} failed earlier")
         job = next(self.jobs)
-        kind, meta, tensors = recv_message(self.group, self.src, self.device)
+        try:
+            kind, meta, tensors = recv_message(self.group, self.src, self.device, self.timeout_s)
+        except StalledError as error:
+            self._failed = True
+            raise StalledError(f"{error} (step {job.step}, micro-step {job.micro} was due)") from None
         if kind == MSG_ERROR:
             self._failed = True
             raise RuntimeError(f"teacher rank {self.src} failed{meta['where']}: {meta['error']} "
@@ -134,7 +158,7 @@ class RemoteProducer(SerialProducer):
             self._failed = True
             raise RuntimeError(f"teacher rank {self.src} sent the pairs of {got} (message kind {kind}) where "
                                f"those of {expected} were due: the pair stream is out of step")
-        return Produced(job, self.build(**meta["values"], **tensors), meta["seconds"])
+        return Produced(job, self.build(**meta["values"], **tensors), meta["seconds"], Counter(meta["kernels"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +172,7 @@ def receive_pairs(stage: Stage, plan: BatchPlan, world: World, first_step: int) 
                 work.wait()
     return RemoteProducer(plan.jobs(world.rank, first_step, with_batch=False), world.pairs_group,
                           src=world.students + world.rank % world.teachers, build=stage.prepared_type,
-                          device=world.device)
+                          device=world.device, timeout_s=stage.pipeline.timeout_s)
 
 
 def serve_teacher_rank(stage: Stage, plan: BatchPlan, world: World, train: TrainConfig) -> int:
@@ -170,5 +194,11 @@ def serve_teacher_rank(stage: Stage, plan: BatchPlan, world: World, train: Train
                 for r in students:
                     yield r, plan.job(step, m, r)
 
-    return serve_pairs(world.pairs_group, jobs(), preparer(stage, world.device), depth=stage.pipeline.depth,
-                       students=students)
+    with SignalFlag("serving the students until they stop") as signal_flag:
+        try:
+            return serve_pairs(world.pairs_group, jobs(), preparer(stage, world.device),
+                               depth=stage.pipeline.depth, students=students)
+        except Exception:
+            if signal_flag.received:   # the students stopped on the signal and left: not this rank's failure
+                raise Stopped(f"teacher rank {world.rank}: the students stopped", signal_flag.received) from None
+            raise

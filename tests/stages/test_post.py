@@ -316,9 +316,13 @@ def test_init_errors(tmp_path, export):
         PostTraining(cfg_of("post.init=mid"))
     with pytest.raises(FileNotFoundError, match="post.init_from"):
         PostTraining(cfg_of("post.init=mid", f"post.init_from={tmp_path / 'missing'}"))
-    other, _ = export(tmp_path, "wide", cfg_of("network.unet.channels=[16,16]"))
+    other, _ = export(tmp_path, "wide", cfg_of("network.unet.channels=[16,16]"), stage="mid")
     with pytest.raises(ConfigError, match=r"post.init_from=.*different architecture.*network.unet"):
         PostTraining(cfg_of("post.init=mid", f"post.init_from={other}"))
+    pre, _ = export(tmp_path, "pre", cfg_of())           # a teacher is not a mid-training run
+    with pytest.raises(ConfigError, match=r"post.init=mid starts from a mid-training run.*pre-stage export.*"
+                                          r"post.init=teacher"):
+        PostTraining(cfg_of("post.init=mid", f"post.init_from={pre}"))
     fm, _ = export(tmp_path, "fm", cfg_of("model.kind=flow"))
     with pytest.raises(ConfigError, match="post.init_from=.*'flow'"):
         PostTraining(cfg_of("post.init=teacher", f"post.init_from={fm}"))

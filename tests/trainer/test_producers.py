@@ -155,3 +155,32 @@ def test_the_producer_thread_runs_with_the_kernels_forced_where_it_was_made(jobs
             assert next(producer).prepared == "torch"
     with ThreadedProducer(jobs(), seen, depth=1) as producer:
         assert next(producer).prepared == dispatch.policy("dpm_solver_step")
+
+
+def test_a_stuck_producer_stops_training_with_one_line_naming_the_step(jobs):
+    from engine.errors import StalledError
+
+    stuck = threading.Event()
+
+    def make(job):
+        if job.step == 2:
+            stuck.wait()                 # a teacher that never returns
+        return job.step
+
+    producer = ThreadedProducer(jobs(), make, depth=1, timeout_s=1.0)
+    assert [next(producer).prepared for _ in range(2)] == [0, 1]
+    with pytest.raises(StalledError, match=r"delivered nothing for 1 s \(it is making step 2, micro-step 0\).*"
+                                           r"mid.producer_timeout_s"):
+        next(producer)
+    stuck.set()
+    producer.close()
+
+
+@pytest.mark.parametrize("exit_", [SystemExit(), SystemExit(3), KeyboardInterrupt()])
+def test_system_exit_in_the_producer_surfaces_with_its_message(jobs, exit_):
+    def make(job):
+        raise exit_
+
+    with pytest.raises(RuntimeError, match=f"the pair producer stopped with {type(exit_).__name__}") as info:
+        next(ThreadedProducer(jobs(), make, depth=1))
+    assert "raised in the pipelined pair producer while making the pairs of step 0" in " ".join(info.value.__notes__)

@@ -196,3 +196,30 @@ def test_a_failing_teacher_rank_stops_the_run_with_its_error(tmp_path, teacher, 
     assert (tmp_path / "rank0").read_text() == (
         "RuntimeError: teacher rank 1 failed while making the pairs of step 1, micro-step 0: RuntimeError: teacher "
         "broke on call 10 (mid.pipeline=teacher_ranks; its own log has the traceback)")
+
+
+def test_messages_carry_json_not_pickles():
+    from engine.trainer.teacher_ranks import MSG_PAIRS, send_message
+
+    class Recorder:
+        def __init__(self):
+            self.sent = []
+
+        def send(self, tensors, dst, tag):
+            self.sent.append(tensors[0])
+
+    group = Recorder()
+    send_message(group, 1, MSG_PAIRS, {"step": 3, "values": {"teacher_nfe": 4}}, {"x": torch.ones(2, 3)})
+    header, blob, x = group.sent
+    assert header.tolist() == [MSG_PAIRS, blob.numel()]
+    assert json.loads(bytes(blob.tolist())) == {"step": 3, "values": {"teacher_nfe": 4},
+                                                "tensors": {"x": [[2, 3], "float32"]}}
+
+
+def test_a_silent_teacher_rank_is_a_stall_not_a_hang(jobs):
+    from engine.errors import StalledError
+
+    student, _ = gloo_pair()
+    producer = RemoteProducer(iter(jobs(2)), student, src=1, build=TrajectoryPairs, timeout_s=1.0)
+    with pytest.raises(StalledError, match=r"teacher rank 1 sent nothing for 1 s.*step 0, micro-step 0 was due"):
+        next(producer)
