@@ -120,6 +120,7 @@ class DiTConfig:
     depth: int = setting(4, min=1)
     num_heads: int = setting(4, min=1)
     mlp_ratio: float = setting(4.0, above=0)
+    learn_sigma: bool = False     # the released DiT/SiT: a second output half (a variance), unused here
 
 
 @dataclass
@@ -131,23 +132,61 @@ class EDM2Config:
     channel_mult: list[int] = setting(default_factory=lambda: [1, 2, 3, 4], min=1, nonempty=True)
     num_blocks: int = setting(3, min=1)
     attn_resolutions: list[int] = setting(default_factory=lambda: [16, 8], min=1)
+    channels_per_head: int = setting(64, min=1)
+
+
+@dataclass
+class SongUNetConfig:
+    """EDM's SongUNet (engine/models/song_unet.py): DDPM++ (positional, standard, resample [1, 1]) or NCSN++
+    (fourier, residual, resample [1, 3, 3, 1], channel_mult_noise 2), as the released EDM networks. The
+    defaults are the original constructor's (configs/teachers/ holds each released network's settings)."""
+    model_channels: int = setting(128, min=1)
+    channel_mult: list[int] = setting(default_factory=lambda: [1, 2, 2, 2], min=1, nonempty=True)
+    channel_mult_emb: int = setting(4, min=1)
+    num_blocks: int = setting(4, min=1)
+    attn_resolutions: list[int] = setting(default_factory=lambda: [16], min=1)
+    augment_dim: int = setting(0, min=0)     # 9 in the released networks trained with augmentation
+    embedding_type: Literal["positional", "fourier"] = "positional"
+    channel_mult_noise: int = setting(1, min=1)
+    encoder_type: Literal["standard", "residual"] = "standard"   # the original's "skip" variants: not built
+    decoder_type: Literal["standard"] = "standard"
+    resample_filter: list[int] = setting(default_factory=lambda: [1, 1], min=1, nonempty=True)
+
+
+@dataclass
+class ADMConfig:
+    """ADM (Dhariwal & Nichol 2021) as EDM trained it on ImageNet-64 (engine/models/adm.py)."""
+    model_channels: int = setting(192, min=1)
+    channel_mult: list[int] = setting(default_factory=lambda: [1, 2, 3, 4], min=1, nonempty=True)
+    channel_mult_emb: int = setting(4, min=1)
+    num_blocks: int = setting(3, min=1)
+    attn_resolutions: list[int] = setting(default_factory=lambda: [32, 16, 8], min=1)
+    augment_dim: int = setting(0, min=0)     # 0 in the released network (trained without augmentation)
 
 
 @dataclass
 class NetworkConfig:
-    arch: Literal["unet", "dit", "edm2"] = "unet"
+    # unet: the small U-Net of the embedded demo; songunet / adm / edm2 / dit: the published architectures, key
+    # for key (their released weights import with cmt-import-weights; docs/teachers.md)
+    arch: Literal["unet", "dit", "edm2", "songunet", "adm"] = "unet"
     dropout: float = setting(0.0, min=0, below=1)
     num_classes: int = setting(0, min=0)
     use_r: bool = False   # second time input, for MeanFlow's u(z, r, t)
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     edm2: EDM2Config = field(default_factory=EDM2Config)
+    songunet: SongUNetConfig = field(default_factory=SongUNetConfig)
+    adm: ADMConfig = field(default_factory=ADMConfig)
 
 
 @dataclass
 class ModelConfig:
     """The parameterisation wrapped around the raw network (docs/method.md §2, §5)."""
     kind: Literal["edm", "flow"] = "edm"
+    # How the raw network's time and output relate to the engine's (docs/teachers.md): native = EDM's
+    # preconditioning (edm) or v = ε − x at t (flow); ddpm_eps = DiT: ε on the discrete 1000-step VP schedule,
+    # turned into an EDM denoiser; sit_velocity = SiT: x − ε at time 1 − t (t = 0 noise), turned into v.
+    convention: Literal["native", "ddpm_eps", "sit_velocity"] = "native"
     sigma_data: float = setting(0.5, above=0)
     sigma_min: float = setting(0.002, above=0)
     sigma_max: float = setting(80.0, above=0)
@@ -180,6 +219,9 @@ class MidConfig:
     loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
     feature_net: Optional[str] = None    # weights of the perceptual network for lpips / elatentlpips
     cfg_scale: float = setting(1.0, min=0)   # must match across the three stages (docs/method.md §5)
+    # Run or export dir of a guide network for cfg_scale != 1 with a teacher never trained with a dropped label
+    # (EDM2): uncond + scale·(cond − uncond) with the guide's output as uncond (docs/teachers.md)
+    guide: Optional[str] = None
     # Where the pairs are made, not which (the same pairs and losses either way): serial = in line; thread =
     # ahead of the student in a background thread; teacher_ranks = on mid.teacher_ranks dedicated ranks
     # (docs/scale-out.md). Not "off": YAML reads a bare off as false.
@@ -306,7 +348,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict[str, Any]:
-    """A YAML mapping; a top-level `base: other.yaml` (relative to this file) is read first and merged under it."""
+    """A YAML mapping; a top-level `base: other.yaml` (relative to this file), or a list of them merged in order,
+    is read first and merged under it."""
     if path.is_dir():
         raise ConfigError(f"config file '{path}' is a directory: pass --config a YAML file, e.g. configs/digits.yaml")
     if not path.is_file():
@@ -319,10 +362,11 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict[str, Any]:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections, not {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    return _merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), raw)
+    bases = raw.pop("base", None)
+    merged: dict[str, Any] = {}
+    for base in [] if bases is None else bases if isinstance(bases, list) else [bases]:
+        merged = _merge(merged, _read_yaml(path.parent / str(base), (*seen, path.resolve())))
+    return _merge(merged, raw)
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ LAYERS = {
     "engine.trainer": 5,
     "engine.cli": 6,
     "engine.train": 7,      # the documented launcher, a shim over engine.cli.train
+    "engine.import_weights": 7,   # `python -m engine.import_weights`, a shim over engine.cli.import_weights
 }
 
 

@@ -157,6 +157,41 @@ def _run_dir_in_use(w):
     return "train", w.train_args(run), "is in use by pid"
 
 
+class _Payload:
+    """Unpickling this runs a shell command: what a tampered checkpoint would carry."""
+
+    def __reduce__(self):
+        return os.system, ("echo this must never run",)
+
+
+def _import_args(w, weights, *extra):
+    return ["--weights", str(weights), "--out", str(w.path / "imported"), *extra]
+
+
+def _planted_payload(w):
+    import pickle
+    (w.path / "planted.pkl").write_bytes(pickle.dumps({"ema": _Payload()}))
+    return "import_weights", _import_args(w, w.path / "planted.pkl"), "while it is read, which no checkpoint needs"
+
+
+def _truncated_snapshot(w):
+    (w.path / "cut.pkl").write_bytes(b"\x80\x04\x95\x10\x00\x00")
+    return "import_weights", _import_args(w, w.path / "cut.pkl"), "is not a readable checkpoint"
+
+
+def _state_dict_without_config(w):
+    import torch
+    torch.save({"weight": torch.zeros(2)}, w.path / "sd.pt")
+    return "import_weights", _import_args(w, w.path / "sd.pt"), "pass --config"
+
+
+def _weights_that_do_not_fit(w):
+    import torch
+    torch.save({"weight": torch.zeros(2)}, w.path / "sd.pt")
+    return "import_weights", _import_args(w, w.path / "sd.pt", "--config", str(ROOT / "configs" / "digits.yaml"),
+                                          "--set", *TINY[:4]), "network keys missing from the file"
+
+
 def _sample_zero(flag):
     def make(w):
         return "sample", ["--run-dir", str(w.teacher()), "--out", str(w.path / "x.png"), flag, "0"], flag
@@ -195,6 +230,10 @@ CASES = [
     Case("a second run on a run dir in use", _run_dir_in_use),
     Case("cmt-sample --num 0", _sample_zero("--num")),
     Case("cmt-sample --steps 0", _sample_zero("--steps")),
+    Case("cmt-import-weights: a pickle that calls os.system", _planted_payload),
+    Case("cmt-import-weights: a truncated .pkl", _truncated_snapshot),
+    Case("cmt-import-weights: a state dict without --config", _state_dict_without_config),
+    Case("cmt-import-weights: weights that do not fit --config", _weights_that_do_not_fit),
 ]
 
 

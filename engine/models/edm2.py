@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import network_inputs
+from engine.models.layers import level_resolutions, network_inputs
 from kernels.attention import scaled_dot_product_attention
 
 # Published sizes (EDM2 paper, Table 2): model channels per preset; channel_mult [1, 2, 3, 4], 3 blocks per
@@ -192,10 +192,7 @@ class EDM2UNet(nn.Module):
                  channels_per_head: int = 64, label_balance: float = 0.5, concat_balance: float = 0.5):
         super().__init__()
         levels = len(channel_mult)
-        if img_resolution % 2 ** (levels - 1):
-            raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{levels - 1} "
-                             f"(needed for {levels} levels)")
-        resolutions = [img_resolution >> i for i in range(levels)]
+        resolutions = level_resolutions(img_resolution, levels)
         self.img_resolution, self.in_channels = img_resolution, in_channels
         self.out_channels = out_channels or in_channels
         self.num_classes, self.use_r = num_classes, use_r
@@ -237,6 +234,13 @@ class EDM2UNet(nn.Module):
                                                             attention=res in attn_resolutions, **block)
         self.out_conv = MPConv(cout, self.out_channels, (3, 3))
         self.out_gain = nn.Parameter(torch.zeros(1))
+
+    def zero_r_branch(self) -> None:
+        """Zero the interval embedding's gain: a net loaded from use_r=False weights computes exactly them."""
+        if self.r_embed is None:
+            raise ValueError("this network was built with use_r=False: it has no r-embedding")
+        with torch.no_grad():
+            self.r_embed.gain.zero_()
 
     def forward(self, x: torch.Tensor, noise_label, r_label=None, class_labels=None) -> torch.Tensor:
         noise_label, r_label = network_inputs(x, self.in_channels, self.img_resolution, noise_label, r_label)

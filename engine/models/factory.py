@@ -7,9 +7,12 @@ import torch
 
 from engine.config import Config
 from engine.errors import ConfigError
+from engine.models.adm import DhariwalUNet
 from engine.models.dit import DiT
 from engine.models.edm2 import EDM2_SIZES, EDM2UNet
-from engine.models.precond import ConsistencyFunction, EDMDenoiser, FlowVelocity, MeanFlowModel
+from engine.models.precond import (ConsistencyFunction, DiscreteVPDenoiser, EDMDenoiser, FlowVelocity,
+                                   MeanFlowModel, SiTMeanFlowModel, SiTVelocity)
+from engine.models.song_unet import SongUNet
 from engine.models.unet import UNet
 
 
@@ -32,17 +35,33 @@ def build_raw_network(cfg: Config) -> torch.nn.Module:
         e = net_cfg.edm2
         return _built(EDM2UNet, "network.edm2", model_channels=edm2_channels(cfg),
                       channel_mult=tuple(e.channel_mult), num_blocks=e.num_blocks,
-                      attn_resolutions=tuple(e.attn_resolutions), **common)
+                      attn_resolutions=tuple(e.attn_resolutions), channels_per_head=e.channels_per_head, **common)
+    if net_cfg.arch in ("songunet", "adm"):
+        # EDM's names: label_dim for the class count; labels are dropped by the stages, not the network.
+        common["label_dim"] = common.pop("num_classes")
+        if net_cfg.arch == "adm":
+            a = net_cfg.adm
+            return _built(DhariwalUNet, "network.adm", model_channels=a.model_channels,
+                          channel_mult=tuple(a.channel_mult), channel_mult_emb=a.channel_mult_emb,
+                          num_blocks=a.num_blocks, attn_resolutions=tuple(a.attn_resolutions),
+                          augment_dim=a.augment_dim, **common)
+        s = net_cfg.songunet
+        return _built(SongUNet, "network.songunet", model_channels=s.model_channels,
+                      channel_mult=tuple(s.channel_mult), channel_mult_emb=s.channel_mult_emb, num_blocks=s.num_blocks,
+                      attn_resolutions=tuple(s.attn_resolutions), augment_dim=s.augment_dim,
+                      embedding_type=s.embedding_type, channel_mult_noise=s.channel_mult_noise,
+                      encoder_type=s.encoder_type, decoder_type=s.decoder_type,
+                      resample_filter=tuple(s.resample_filter), **common)
     d = net_cfg.dit
     return _built(DiT, "network.dit", patch_size=d.patch_size, hidden_size=d.hidden_size, depth=d.depth,
-                  num_heads=d.num_heads, mlp_ratio=d.mlp_ratio, **common)
+                  num_heads=d.num_heads, mlp_ratio=d.mlp_ratio, learn_sigma=d.learn_sigma, **common)
 
 
 def _built(cls: type, key: str, **kwargs) -> torch.nn.Module:
     """cls(**kwargs), a geometry it cannot build being a one-line ConfigError naming the config section."""
     try:
         return cls(**kwargs)
-    except ValueError as exc:
+    except (ValueError, NotImplementedError) as exc:
         raise ConfigError(f"{key}: {exc}") from None
 
 
@@ -64,17 +83,29 @@ def model_kind(cfg: Config, stage: str) -> str:
     return "meanflow" if cfg.post.method == "meanflow" else "consistency"
 
 
+# What each model.convention can compute: kind -> wrapper (docs/teachers.md).
+_WRAPPERS = {
+    "native": {"edm": EDMDenoiser, "flow": FlowVelocity, "consistency": ConsistencyFunction,
+               "meanflow": MeanFlowModel},
+    "ddpm_eps": {"edm": DiscreteVPDenoiser},
+    "sit_velocity": {"flow": SiTVelocity, "meanflow": SiTMeanFlowModel},
+}
+
+
 def wrap_network(net: torch.nn.Module, cfg: Config, kind: str) -> torch.nn.Module:
-    """The parameterisation wrapper for `kind` (see model_kind) around a raw network."""
-    if kind == "edm":
-        return EDMDenoiser(net, sigma_data=cfg.model.sigma_data)
-    if kind == "flow":
-        return FlowVelocity(net)
-    if kind == "consistency":
-        return ConsistencyFunction(net, sigma_data=cfg.model.sigma_data, sigma_min=cfg.model.sigma_min)
-    if kind == "meanflow":
-        return MeanFlowModel(net)
-    raise ValueError(f"unknown model kind '{kind}'")
+    """The parameterisation wrapper for `kind` (see model_kind) around a raw network, in the time and output
+    convention of cfg.model.convention (a released DiT or SiT keeps its own clock; converted at call time)."""
+    convention = cfg.model.convention
+    wrapper = _WRAPPERS[convention].get(kind)
+    if wrapper is None:
+        can = " or ".join(_WRAPPERS[convention])
+        raise ConfigError(f"model.convention={convention} networks compute a {can} model, not a '{kind}' one: "
+                          "train this stage's network with model.convention=native (e.g. mid.init=random)")
+    if wrapper in (EDMDenoiser,):
+        return wrapper(net, sigma_data=cfg.model.sigma_data)
+    if wrapper is ConsistencyFunction:
+        return wrapper(net, sigma_data=cfg.model.sigma_data, sigma_min=cfg.model.sigma_min)
+    return wrapper(net)
 
 
 def arch_signature(cfg: Config) -> dict:

@@ -100,6 +100,19 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(max(1, min(32, channels // 4)), channels, eps=1e-6)
 
 
+def level_resolutions(img_resolution: int, levels: int, attn_resolutions=None) -> list[int]:
+    """The side of each U-Net level, halving from img_resolution; ``attn_resolutions``, when given, must be
+    among them (a ValueError naming both otherwise)."""
+    if img_resolution % 2 ** (levels - 1):
+        raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{levels - 1} "
+                         f"(needed for {levels} levels)")
+    resolutions = [img_resolution >> i for i in range(levels)]
+    bad = set(attn_resolutions or ()) - set(resolutions)
+    if bad:
+        raise ValueError(f"attn_resolutions {sorted(bad)} not among the level resolutions {resolutions}")
+    return resolutions
+
+
 def network_inputs(x: torch.Tensor, in_channels: int, img_resolution: int, noise_label, r_label=None):
     """Check x's shape against the network's and broadcast the time labels to [B] (r_label may be None)."""
     if x.shape[1:] != (in_channels, img_resolution, img_resolution):

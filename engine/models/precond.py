@@ -20,9 +20,13 @@ def _per_sample(s, x):
 
 def _run(net: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The raw network on ``x`` in its parameters' dtype (bf16 once DeepSpeed's bf16 mode converted it), the
-    output back in ``x``'s dtype: callers keep their float32 data, noise and targets either way."""
-    dtype = next(net.parameters()).dtype
-    return net(x.to(dtype), *args, **kwargs).to(x.dtype)
+    output back in ``x``'s dtype: callers keep their float32 data, noise and targets either way. A released
+    DiT/SiT's second output half (``learn_sigma``: DiT's variance, unused by SiT) is dropped."""
+    dtype = next(net.parameters(), x).dtype   # a parameter-free function runs in x's dtype
+    out = net(x.to(dtype), *args, **kwargs)
+    if getattr(net, "learn_sigma", False):
+        out = out[:, : x.shape[1]]
+    return out.to(x.dtype)
 
 
 class _Preconditioned(nn.Module):
@@ -87,3 +91,65 @@ class MeanFlowModel(nn.Module):
 
     def forward(self, z: torch.Tensor, r, t, class_labels=None) -> torch.Tensor:
         return _run(self.net, z, _per_sample(t, z), r_label=_per_sample(r, z), class_labels=class_labels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Released networks with another clock (docs/teachers.md): converted here, at call time, never in the weights
+# --------------------------------------------------------------------------------------------------
+def ddpm_log_sigmas(num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """ln σ_i (float64, increasing) of DDPM's discrete linear-β VP schedule: ᾱ_i = Π_{j≤i} (1 − β_j) and
+    σ_i = √((1 − ᾱ_i)/ᾱ_i), the EDM noise level whose VP state x_i = √ᾱ_i·(y + σ_i·n) is what step i sees."""
+    betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    alphabar = torch.cumprod(1 - betas, 0)
+    return 0.5 * torch.log((1 - alphabar) / alphabar)
+
+
+def ddpm_timestep(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """The (fractional) DDPM step of an EDM σ: linear in ln σ between neighbouring steps, clamped to
+    [0, N − 1] (σ below σ_0 ≈ 0.01 or above σ_999 ≈ 157 is fed the end step)."""
+    log_sigmas = log_sigmas.to(sigma.device)
+    ls = torch.log(sigma.to(torch.float64))
+    hi = torch.searchsorted(log_sigmas, ls).clamp(1, len(log_sigmas) - 1)
+    lo = hi - 1
+    frac = (ls - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
+    return (lo + frac).clamp(0, len(log_sigmas) - 1)
+
+
+class DiscreteVPDenoiser(nn.Module):
+    """D(x; σ) from a network predicting the noise ε on DDPM's discrete VP schedule (DiT):
+    D = x − σ·ε̂(x/√(1 + σ²), t(σ)), since the EDM state x = y + σ·n is the VP state scaled by 1/√ᾱ with
+    ᾱ = 1/(1 + σ²). t(σ) is :func:`ddpm_timestep`; the variance half of the output is dropped by ``_run``."""
+
+    def __init__(self, net: nn.Module, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        super().__init__()
+        self.net = net
+        # A plain tensor, not a buffer: a bf16 conversion of the module must not round the schedule.
+        self.log_sigmas = ddpm_log_sigmas(num_steps, beta_start, beta_end)
+
+    def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
+        sigma = _per_sample(sigma, x)
+        t = ddpm_timestep(sigma, self.log_sigmas).to(sigma.dtype)
+        s = expand_like(sigma, x)
+        xf = x.to(s.dtype)
+        eps = _run(self.net, (xf / torch.sqrt(1 + s ** 2)).to(x.dtype), t, class_labels=class_labels)
+        return (xf - s * eps.to(s.dtype)).to(x.dtype)
+
+
+class SiTVelocity(nn.Module):
+    """v(z, t) from a SiT-clocked network: SiT's time s = 1 − t runs from noise (0) to data (1) and it predicts
+    data − noise, so v(z, t) = −F(z; 1 − t) (the engine's z_t = (1 − t)·x + t·ε, v = ε − x)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, z: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+        return -_run(self.net, z, 1 - _per_sample(t, z), class_labels=class_labels)
+
+
+class SiTMeanFlowModel(MeanFlowModel):
+    """u(z, r, t) from a SiT-clocked network with MeanFlow's r input: both times flipped, the output negated,
+    so a SiT whose r-branch is zeroed (``zero_r_branch``) starts as exactly :class:`SiTVelocity` of it."""
+
+    def forward(self, z: torch.Tensor, r, t, class_labels=None) -> torch.Tensor:
+        return -_run(self.net, z, 1 - _per_sample(t, z), r_label=1 - _per_sample(r, z), class_labels=class_labels)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import ConditionEmbedding, SelfAttention, group_norm, network_inputs
+from engine.models.layers import ConditionEmbedding, SelfAttention, group_norm, level_resolutions, network_inputs
 
 SKIP_SCALE = math.sqrt(0.5)  # keeps the variance of residual sums ≈ that of their inputs
 
@@ -74,13 +74,7 @@ class UNet(nn.Module):
         super().__init__()
         channels = tuple(channels)
         levels = len(channels)
-        if img_resolution % 2 ** (levels - 1):
-            raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{levels - 1} "
-                             f"(needed for {levels} levels)")
-        resolutions = [img_resolution >> i for i in range(levels)]
-        bad = set(attn_resolutions) - set(resolutions)
-        if bad:
-            raise ValueError(f"attn_resolutions {sorted(bad)} not among the level resolutions {resolutions}")
+        resolutions = level_resolutions(img_resolution, levels, attn_resolutions)
         self.img_resolution = img_resolution
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
@@ -120,6 +114,14 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(c)
         self.conv_out = nn.Conv2d(c, self.out_channels, 3, padding=1)
+
+    def zero_r_branch(self) -> None:
+        """Zero the r-embedding's last layer: a net loaded from use_r=False weights computes exactly them."""
+        if self.embed.r_embed is None:
+            raise ValueError("this network was built with use_r=False: it has no r-embedding")
+        with torch.no_grad():
+            self.embed.r_embed.mlp[-1].weight.zero_()
+            self.embed.r_embed.mlp[-1].bias.zero_()
 
     def forward(self, x: torch.Tensor, noise_label, r_label=None, class_labels=None) -> torch.Tensor:
         noise_label, r_label = network_inputs(x, self.in_channels, self.img_resolution, noise_label, r_label)

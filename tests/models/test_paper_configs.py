@@ -13,11 +13,16 @@ from engine.models.factory import arch_signature, build_raw_network
 PAPER = sorted((Path(__file__).resolve().parents[2] / "configs" / "paper").glob("*.yaml"))
 # EDM2 paper (Karras et al. 2024), Table 2, ImageNet-512 (64x64x4 latents, 1000 classes), Mparams.
 EDM2_PUBLISHED = {"xs": 125, "s": 280, "m": 498, "l": 777, "xl": 1119, "xxl": 1523}
-# DiT paper (Peebles & Xie 2023) Table 1 / 4 (class-conditional, 32x32x4 latents), and MeanFlow (Geng et al.
-# 2025) Table for MF-XL/2 with its second time embedding: (patch, hidden, depth, heads, use_r) -> Mparams.
-DIT_PUBLISHED = {"DiT-B/4": ((4, 768, 12, 12, False), 130), "DiT-B/2": ((2, 768, 12, 12, False), 130),
-                 "DiT-L/2": ((2, 1024, 24, 16, False), 458), "DiT-XL/2": ((2, 1152, 28, 16, False), 675),
-                 "MF-XL/2": ((2, 1152, 28, 16, True), 676)}
+# DiT paper (Peebles & Xie 2023) Table 4 (class-conditional, 32x32x4 latents, learn_sigma as released), and
+# MeanFlow (Geng et al. 2025) for MF-XL/2 (one output half, plus the t - r embedding):
+# (patch, hidden, depth, heads, use_r, learn_sigma) -> (published Mparams, exact state-dict elements or None).
+# DiT-XL/2's exact count is the released DiT-XL-2-256x256 / SiT-XL-2-256x256 files' (pos_embed included);
+# MF-XL/2's is that minus the variance half of the output layer (16 x 1153) plus the r-embedder (1,624,320).
+DIT_PUBLISHED = {"DiT-B/4": ((4, 768, 12, 12, False, True), 130, None),
+                 "DiT-B/2": ((2, 768, 12, 12, False, True), 130, None),
+                 "DiT-L/2": ((2, 1024, 24, 16, False, True), 458, None),
+                 "DiT-XL/2": ((2, 1152, 28, 16, False, True), 675, 675_129_632),
+                 "MF-XL/2": ((2, 1152, 28, 16, True, False), 676, 676_735_504)}
 
 
 def n_params(net):
@@ -62,11 +67,14 @@ def test_edm2_sizes_match_published_counts(size):
 
 @pytest.mark.parametrize("name", list(DIT_PUBLISHED))
 def test_dit_sizes_match_published_counts(name):
-    (patch, hidden, depth, heads, use_r), published = DIT_PUBLISHED[name]
+    """Counted as the checkpoints are: every state-dict element, the fixed pos_embed table included."""
+    (patch, hidden, depth, heads, use_r, learn_sigma), published, exact = DIT_PUBLISHED[name]
     with torch.device("meta"):
         net = DiT(img_resolution=32, in_channels=4, patch_size=patch, hidden_size=hidden, depth=depth,
-                  num_heads=heads, num_classes=1000, use_r=use_r)
-    assert abs(n_params(net) / 1e6 / published - 1) < 0.01
+                  num_heads=heads, num_classes=1000, use_r=use_r, learn_sigma=learn_sigma)
+    n = sum(v.numel() for v in net.state_dict().values())
+    assert abs(n / 1e6 / published - 1) < 0.01
+    assert exact is None or n == exact
 
 
 def test_edm2_size_and_channels_are_exclusive():

@@ -1,5 +1,6 @@
-"""The network wrappers of engine.models.precond (docs/method.md §2, §5): EDMDenoiser, ConsistencyFunction,
-FlowVelocity and MeanFlowModel around a stub raw network whose output the tests choose exactly."""
+"""The network wrappers of engine.models.precond (docs/method.md §2, §5; docs/teachers.md): EDMDenoiser,
+ConsistencyFunction, FlowVelocity, MeanFlowModel and the released networks' clocks (DiscreteVPDenoiser for
+DiT, SiTVelocity / SiTMeanFlowModel) around a stub raw network whose output the tests choose exactly."""
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ from torch import nn
 
 from engine.formulas.broadcast import expand_like
 from engine.formulas.edm import edm_loss_weight, edm_precond_coeffs
-from engine.models.precond import ConsistencyFunction, EDMDenoiser, FlowVelocity, MeanFlowModel
+from engine.models.precond import (ConsistencyFunction, DiscreteVPDenoiser, EDMDenoiser, FlowVelocity,
+                                   MeanFlowModel, SiTMeanFlowModel, SiTVelocity, ddpm_log_sigmas, ddpm_timestep)
 
 SD = 0.5
 
@@ -121,3 +123,61 @@ def test_meanflow_model_embeds_t_and_r_and_needs_use_r():
     torch.testing.assert_close(u(z, 0.25, 0.75), 0.5 * z + 2.0 * 0.75 - 3.0 * 0.25)   # scalar times broadcast
     with pytest.raises(ValueError, match="use_r=True"):
         MeanFlowModel(Stub())
+
+
+# --------------------------------------------------------------------------------------------------
+# Released clocks: DiT's discrete VP steps, SiT's reversed time
+# --------------------------------------------------------------------------------------------------
+def test_ddpm_sigmas_and_timesteps_invert_each_other_and_clamp():
+    log_sigmas = ddpm_log_sigmas()
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alphabar = torch.cumprod(1 - betas, 0)
+    torch.testing.assert_close(log_sigmas.exp() ** 2, (1 - alphabar) / alphabar)   # ᾱ = 1/(1 + σ²)
+    assert 0.0099 < log_sigmas[0].exp() < 0.0101 and 156 < log_sigmas[-1].exp() < 158
+    steps = torch.tensor([0, 1, 37, 500, 998, 999])
+    torch.testing.assert_close(ddpm_timestep(log_sigmas.exp()[steps], log_sigmas), steps.double())
+    halfway = ((log_sigmas[37] + log_sigmas[38]) / 2).exp()     # linear in ln σ between two steps
+    torch.testing.assert_close(ddpm_timestep(halfway[None], log_sigmas), torch.tensor([37.5], dtype=torch.float64))
+    assert ddpm_timestep(torch.tensor([0.002, 500.0]), log_sigmas).tolist() == [0.0, 999.0]
+
+
+class StubEps(nn.Module):
+    """ε̂(x_t; t) = a·x_t + b·t, with DiT's second (variance) half of junk that must be dropped."""
+
+    learn_sigma = True
+
+    def __init__(self, a=0.5, b=0.01):
+        super().__init__()
+        self.a, self.b, self.calls = a, b, []
+
+    def forward(self, x, noise_label, class_labels=None):
+        self.calls.append((x.clone(), noise_label.clone()))
+        eps = self.a * x + self.b * expand_like(noise_label, x)
+        return torch.cat([eps, torch.full_like(x, 1e9)], dim=1)
+
+
+def test_discrete_vp_denoiser_feeds_the_vp_state_and_step_and_returns_x_minus_sigma_eps():
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigma = torch.tensor([0.05, 1.0, 80.0], dtype=torch.float64)
+    stub = StubEps()
+    d = DiscreteVPDenoiser(stub)(x, sigma)
+    x_t, t = stub.calls[-1]
+    s = expand_like(sigma, x)
+    torch.testing.assert_close(x_t, x / (1 + s ** 2).sqrt())
+    torch.testing.assert_close(t, ddpm_timestep(sigma, ddpm_log_sigmas()))
+    torch.testing.assert_close(d, x - s * (0.5 * x_t + 0.01 * expand_like(t, x)))
+    # the optimal ε-predictor of Gaussian data N(0, 1) makes the optimal denoiser x/(1 + σ²)
+    eps_star = DiscreteVPDenoiser(StubEps(a=0.0, b=0.0))
+    eps_star.net.forward = lambda y, t, class_labels=None: torch.cat(
+        [expand_like((1 - 1 / (1 + sigma ** 2)).sqrt(), y) * y, y], 1)   # E[ε | x_t] = √(1 − ᾱ)·x_t
+    torch.testing.assert_close(eps_star(x, sigma), x / (1 + s ** 2))
+
+
+def test_sit_wrappers_flip_time_and_negate_the_velocity():
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.1, 0.5, 0.9])
+    stub = Stub(a=2.0, b=1.0)
+    torch.testing.assert_close(SiTVelocity(stub)(z, t), -(2.0 * z + expand_like(1 - t, z)))
+    r = torch.tensor([0.0, 0.2, 0.4])
+    u = SiTMeanFlowModel(StubR(a=1.0, b=1.0, c=3.0))(z, r, t)
+    torch.testing.assert_close(u, -(z + expand_like(1 - t, z) + 3.0 * expand_like(1 - r, z)))
