@@ -80,7 +80,12 @@ class MidTraining(Stage):
         self.teacher = wrap_network(teacher_net, teacher_cfg, self.teacher_kind).eval().requires_grad_(False)
         # A MeanFlow teacher has its guidance trained in (its post.cfg_scale), so it is called as is.
         scale = 1.0 if self.teacher_kind == "meanflow" else mid.cfg_scale
-        self.counted_teacher = CountedTeacher(self.teacher, scale, teacher_cfg.network.num_classes)
+        if mid.guide and scale == 1.0:
+            why = "a MeanFlow teacher has its guidance trained in" if mid.cfg_scale != 1.0 else "mid.cfg_scale=1"
+            raise ConfigError(f"mid.guide is set but nothing is guided ({why}): unset mid.guide")
+        self.guide, guide_labels = self._load_guide(meta.get("stage", "pre")) if scale != 1.0 else (None, False)
+        self.counted_teacher = CountedTeacher(self.teacher, scale, teacher_cfg.network.num_classes,
+                                              guide=self.guide, guide_labels=guide_labels)
         self.init_report = {"init": mid.init, "left_at_init": []}
         if mid.init == "teacher":   # strict, or an FM teacher -> MeanFlow student starting as the teacher
             self.init_report.update(transfer_weights(student, cfg, teacher_cfg, teacher_net, config_key="mid.teacher",
@@ -114,13 +119,44 @@ class MidTraining(Stage):
         nfe = per_trajectory * (2 if guided else 1) / pairs_per_trajectory(cfg)
         return PairCost(teacher_nfe=nfe, student_grad=1.0, student_nograd=0.0, distance=mid_distance(cfg))
 
+    def _load_guide(self, teacher_stage: str) -> tuple[torch.nn.Module | None, bool]:
+        """The guide network of mid.guide (and whether it takes the labels), or None when the teacher guides
+        itself with its null label, which it must then have been trained with (a dropped label)."""
+        mid, tcfg = self.cfg.mid, self.teacher_cfg
+        if not mid.guide:
+            dropout = tcfg.pre.label_dropout if teacher_stage == "pre" else tcfg.post.label_dropout
+            if dropout == 0:
+                raise ConfigError(f"mid.cfg_scale={mid.cfg_scale} needs the teacher's unconditional output, but "
+                                  f"mid.teacher='{mid.teacher}' was never trained with a dropped label "
+                                  f"({teacher_stage}.label_dropout=0, e.g. EDM2): set mid.guide to an unconditional "
+                                  "(or smaller) network's export, or mid.cfg_scale=1")
+            return None, False
+        gcfg, gnet, gmeta = load_exported(mid.guide, "mid.guide")
+        kind = model_kind(gcfg, gmeta.get("stage", "pre"))
+        if kind != self.teacher_kind:
+            raise ConfigError(f"mid.guide='{mid.guide}' is a '{kind}' model, the teacher a '{self.teacher_kind}' one: "
+                              "the guide must compute the same kind of output")
+        if (gcfg.data.channels, gcfg.data.resolution) != (tcfg.data.channels, tcfg.data.resolution):
+            raise ConfigError(f"mid.guide='{mid.guide}' was trained on {gcfg.data.channels}x{gcfg.data.resolution}px "
+                              f"data, the teacher on {tcfg.data.channels}x{tcfg.data.resolution}px: use a guide for "
+                              "the same data")
+        classes = gcfg.network.num_classes
+        if classes not in (0, tcfg.network.num_classes):
+            raise ConfigError(f"mid.guide='{mid.guide}' has network.num_classes={classes}, the teacher "
+                              f"{tcfg.network.num_classes}: use an unconditional guide or one with the same classes")
+        self.guide_dir = resolve_export_dir(mid.guide)
+        return wrap_network(gnet, gcfg, kind).eval().requires_grad_(False), classes > 0
+
     def to(self, device: torch.device) -> "MidTraining":
         self.teacher.to(device)
+        if self.guide is not None:
+            self.guide.to(device)
         self.distance.to(device)
         return self
 
     def identity(self) -> dict[str, str]:
         return {"mid.teacher": file_identity(self.teacher_dir),
+                **({"mid.guide": file_identity(self.guide_dir)} if self.guide is not None else {}),
                 **({"mid.feature_net": file_identity(self.cfg.mid.feature_net)} if self.cfg.mid.feature_net else {})}
 
     def check_batch(self, micro_batch: int) -> None:

@@ -20,28 +20,38 @@ class CountedTeacher:
     ``calls`` counts network invocations, ``nfe`` per-sample evaluations (Σ of each call's batch size).
     With ``cfg_scale`` ≠ 1 and labels, a call is one batched evaluation of [x; x] with [labels; null] and the
     guided combination of the two halves: 2 NFEs per sample (``null_class`` is the teacher's null label).
+    With a ``guide`` network (EDM2's way, for teachers never trained with a dropped label) the second half is
+    the guide's output instead, called with the labels when ``guide_labels`` (autoguidance by a weaker
+    conditional model) or without (a separate unconditional model): also 2 NFEs per sample.
     """
 
-    def __init__(self, net: Callable, cfg_scale: float = 1.0, null_class: Optional[int] = None):
-        if cfg_scale != 1.0 and null_class is None:
-            raise ValueError("classifier-free guidance needs the teacher's null class")
+    def __init__(self, net: Callable, cfg_scale: float = 1.0, null_class: Optional[int] = None,
+                 guide: Optional[Callable] = None, guide_labels: bool = False):
+        if cfg_scale != 1.0 and null_class is None and guide is None:
+            raise ValueError("classifier-free guidance needs the teacher's null class or a guide network")
         self.net, self.cfg_scale, self.null_class = net, cfg_scale, null_class
+        self.guide, self.guide_labels = guide, guide_labels
         self.calls = 0
         self.nfe = 0
 
     def __call__(self, x: torch.Tensor, *times_and_labels):
         *times, labels = times_and_labels
         if self.cfg_scale == 1.0 or labels is None:
-            return self._evaluate(x, *times, labels)
+            return self._evaluate(self.net, x, *times, labels)
+        if self.guide is not None:
+            cond = self._evaluate(self.net, x, *times, labels)
+            return guided(cond, self._evaluate(self.guide, x, *times, labels if self.guide_labels else None),
+                          self.cfg_scale)
         null = torch.full_like(labels, self.null_class)
-        out = self._evaluate(torch.cat([x, x]), *(torch.cat([t, t]) for t in times), torch.cat([labels, null]))
+        out = self._evaluate(self.net, torch.cat([x, x]), *(torch.cat([t, t]) for t in times),
+                             torch.cat([labels, null]))
         cond, uncond = out.chunk(2)
         return guided(cond, uncond, self.cfg_scale)
 
-    def _evaluate(self, x: torch.Tensor, *args):
+    def _evaluate(self, net: Callable, x: torch.Tensor, *args):
         self.calls += 1
         self.nfe += int(x.shape[0])
-        return self.net(x, *args)
+        return net(x, *args)
 
 
 def counted(teacher: Callable) -> CountedTeacher:

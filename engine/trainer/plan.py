@@ -186,6 +186,18 @@ def teacher_config(cfg: Config, stage: str, path: str | None) -> Config | None:
     return cfg
 
 
+def guide_config(cfg: Config, stage: str) -> Config | None:
+    """The config of mid.guide's export when the run guides with it, else None."""
+    import yaml
+
+    if stage != "mid" or not cfg.mid.guide or cfg.mid.cfg_scale == 1.0:
+        return None
+    try:
+        return from_dict(Config, yaml.safe_load((resolve_export_dir(cfg.mid.guide) / "config.yaml").read_text()))
+    except MissingFileError as exc:
+        raise MissingFileError(f"mid.guide='{cfg.mid.guide}': {exc} (the plan counts the guide's network)") from None
+
+
 def plan(cfg: Config, stage: str = "mid", gpus: int = 8, gpu_mem_gb: float = 80.0, batch: int | None = None,
          teacher_cfg_path: str | None = None, headroom: float = 0.15, gpu_tflops: float = 989.0,
          mfu: float = 0.4) -> dict:
@@ -204,12 +216,18 @@ def plan(cfg: Config, stage: str = "mid", gpus: int = 8, gpu_mem_gb: float = 80.
     elif tcfg is not None:
         with torch.device("meta"):
             teacher = build_raw_network(tcfg)
+    gcfg = guide_config(cfg, stage)
+    with torch.device("meta"):
+        guide = build_raw_network(gcfg) if gcfg is not None else None
     feat = perceptual_net(cfg, costs["distance"])
     params, largest = count_params(student)
     t_params = count_params(teacher)[0] if teacher is not None else 0
+    g_params = count_params(guide)[0] if guide is not None else 0
     f_params = count_params(feat)[0] if feat is not None else 0
 
     t_fwd = forward_flops(tcfg, teacher) if teacher is not None else 0
+    if guide is not None:   # half the guided NFEs are the guide's
+        t_fwd = (t_fwd + forward_flops(gcfg, guide)) / 2
     f_fwd = 0
     if feat is not None:
         x = torch.zeros(1, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, device="meta")
@@ -224,7 +242,7 @@ def plan(cfg: Config, stage: str = "mid", gpus: int = 8, gpu_mem_gb: float = 80.
 
     def per_gpu(zero: int, n: int, micro: int) -> dict:
         states = model_states(params, largest, zero, n, precision)
-        fixed = 4 * params + wbytes * (t_params + f_params) + act["fixed"]
+        fixed = 4 * params + wbytes * (t_params + g_params + f_params) + act["fixed"]
         return {"states": states, "fixed": fixed, "activations": act["per_sample"] * micro,
                 "total": states.total + fixed + act["per_sample"] * micro}
 
@@ -239,7 +257,7 @@ def plan(cfg: Config, stage: str = "mid", gpus: int = 8, gpu_mem_gb: float = 80.
     total_flops = sum(flops.values()) * total_pairs
     return {"stage": stage, "precision": precision, "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "batch": batch,
             "micro": micro, "zero": zero, "params": {"student": params, "largest_layer": largest, "teacher": t_params,
-                                                     "perceptual": f_params},
+                                                     "guide": g_params, "perceptual": f_params},
             "teacher_arch": tcfg.network.arch if tcfg is not None else None, "costs": costs,
             "act": act, "flops": flops, "table": table, "deepspeed": ds, "max_micro": max_micro,
             "gpus_needed": needed, "usable": usable, "total_pairs": total_pairs, "total_flops": total_flops,
@@ -249,10 +267,11 @@ def plan(cfg: Config, stage: str = "mid", gpus: int = 8, gpu_mem_gb: float = 80.
 def format_plan(r: dict, name: str) -> str:
     g = lambda b: f"{b / GIB:7.2f}"   # noqa: E731
     p = r["params"]
+    guide = f"guide {p['guide'] / 1e6:.1f}M, " if p["guide"] else ""
     lines = [f"plan: {name}, stage {r['stage']}, {r['precision']}, {r['gpus']} GPUs x {r['gpu_mem_gb']:g} GB, "
              f"global batch {r['batch']} ({r['micro']} per GPU)",
              f"parameters: student {p['student'] / 1e6:.1f}M (largest layer {p['largest_layer'] / 1e6:.2f}M), "
-             f"teacher {p['teacher'] / 1e6:.1f}M ({r['teacher_arch'] or 'none'}), perceptual net "
+             f"teacher {p['teacher'] / 1e6:.1f}M ({r['teacher_arch'] or 'none'}), {guide}perceptual net "
              f"{p['perceptual'] / 1e6:.1f}M ({r['costs']['distance']})",
              f"activations saved for backward: {r['act']['per_sample'] / GIB:.2f} GiB per sample "
              f"+ {r['act']['fixed'] / GIB:.2f} GiB batch-independent (meta-device count, {r['precision']})",

@@ -136,6 +136,7 @@ def test_kd_and_slow_cmt_costs_are_counted(tmp_path, tiny_cfg, export_teacher, d
 
 def test_data_start_and_guidance_and_labels(tmp_path, tiny_cfg, export_teacher, digits_batch):
     tcfg = tiny_cfg(num_classes=10)
+    tcfg.pre.label_dropout = 0.1          # trained with dropped labels: it can guide itself
     export_teacher(tmp_path / "t", tcfg)
     cfg = tiny_cfg(num_classes=10)
     cfg.mid.teacher = str(tmp_path / "t")
@@ -235,7 +236,9 @@ def test_cost_per_pair_formula_is_what_the_rollout_counts(tmp_path, tiny_cfg, ex
     (Slow CMT's formula is its expectation over the drawn levels)."""
     meanflow = overrides.get("form") == "meanflow"
     kind, classes = ("flow", 0) if meanflow else ("edm", 10 if "cfg_scale" in overrides else 0)
-    export_teacher(tmp_path / "t", tiny_cfg(kind=kind, num_classes=classes))
+    tcfg = tiny_cfg(kind=kind, num_classes=classes)
+    tcfg.pre.label_dropout = 0.1 if classes else 0.0
+    export_teacher(tmp_path / "t", tcfg)
     cfg = tiny_cfg(kind=kind, use_r=meanflow, num_classes=classes)
     cfg.mid.teacher, cfg.mid.solver_steps = str(tmp_path / "t"), 4
     for k, v in overrides.items():
@@ -248,3 +251,35 @@ def test_cost_per_pair_formula_is_what_the_rollout_counts(tmp_path, tiny_cfg, ex
         assert counted == pytest.approx(formula, rel=1e-12)
     else:
         assert formula == 2.5 and counted == pytest.approx(formula, abs=0.2)   # (N+1)/2 for N = 4
+
+
+def test_guidance_of_a_teacher_never_trained_without_labels_needs_a_guide(tmp_path, tiny_cfg, export_teacher,
+                                                                          digits_batch):
+    """EDM2's way: its conditional teachers never saw a dropped label, so the unconditional half of the guided
+    denoiser comes from a separate network (mid.guide), called without labels; 2 NFEs per sample either way."""
+    export_teacher(tmp_path / "t", tiny_cfg(num_classes=10))                 # pre.label_dropout = 0
+    export_teacher(tmp_path / "uncond", tiny_cfg(), seed=1)
+    cfg = tiny_cfg(num_classes=10)
+    cfg.mid.teacher, cfg.mid.cfg_scale, cfg.mid.solver_steps = str(tmp_path / "t"), 2.0, 4
+    with pytest.raises(ConfigError, match=r"never trained with a dropped label.*set mid.guide"):
+        MidTraining(cfg)
+    cfg.mid.guide = str(tmp_path / "uncond")
+    stage = MidTraining(cfg)
+    assert set(stage.identity()) == {"mid.teacher", "mid.guide"}
+    b = digits_batch(8, labels=True)
+    pairs = stage.prepare(b, torch.Generator().manual_seed(3))
+    assert pairs.teacher_nfe == 2 * 4 * 2 == MidTraining.cost_per_pair(cfg).teacher_nfe * len(pairs)
+    x_T = 80.0 * torch.randn((2, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        sigma = torch.full((2,), 80.0)
+        cond, uncond = stage.teacher(x_T, sigma, b["labels"][:2]), stage.guide(x_T, sigma, None)
+    ratio = float(stage.grid[1] / stage.grid[0])
+    torch.testing.assert_close(pairs.x[1::4], ratio * x_T + (1 - ratio) * (uncond + 2.0 * (cond - uncond)),
+                               atol=1e-4, rtol=1e-4)
+    export_teacher(tmp_path / "flow", tiny_cfg(kind="flow"))
+    cfg.mid.guide = str(tmp_path / "flow")
+    with pytest.raises(ConfigError, match="mid.guide=.*is a 'flow' model, the teacher a 'edm' one"):
+        MidTraining(cfg)
+    cfg.mid.guide, cfg.mid.cfg_scale = str(tmp_path / "uncond"), 1.0
+    with pytest.raises(ConfigError, match="mid.guide is set but nothing is guided"):
+        MidTraining(cfg)

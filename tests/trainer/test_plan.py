@@ -67,3 +67,21 @@ def test_edm2_xxl_imagenet512_plans_in_seconds_on_meta(capsys):
     out = capsys.readouterr().out
     assert "student 1523.2M" in out and "teacher 1523.2M" in out and "<- config" in out
     assert elapsed < 45   # ~5 s on an idle core; generous for a shared CI box
+
+
+def test_a_guide_network_is_counted_in_memory_and_half_the_guided_nfes(tmp_path):
+    """mid.guide (docs/teachers.md): its weights sit beside the teacher's; half of the 2 NFEs per call are its."""
+    from engine.models.weights import export_network
+
+    small = [o for o in TINY if "model_channels" not in o] + ["network.edm2.model_channels=32"]
+    guide_cfg = load_config(None, small)
+    export_network(build_raw_network(guide_cfg), guide_cfg, tmp_path / "guide" / "export")
+    args = [*TINY, "network.num_classes=10", "mid.cfg_scale=2.0"]
+    unguided = plan(load_config(None, args), "mid", gpus=1)
+    guided = plan(load_config(None, [*args, f"mid.guide={tmp_path / 'guide'}"]), "mid", gpus=1)
+    g_params = count_params(build_raw_network(guide_cfg))[0]
+    assert guided["params"]["guide"] == g_params > 0 and unguided["params"]["guide"] == 0
+    assert guided["table"][0]["fixed"] - unguided["table"][0]["fixed"] == 2 * g_params     # bf16 frozen weights
+    assert guided["flops"]["teacher"] < unguided["flops"]["teacher"]                       # the guide is smaller
+    with pytest.raises(FileNotFoundError, match="mid.guide="):
+        plan(load_config(None, [*args, f"mid.guide={tmp_path / 'none'}"]), "mid", gpus=1)
