@@ -109,10 +109,13 @@ def wrap_network(net: torch.nn.Module, cfg: Config, kind: str) -> torch.nn.Modul
 
 
 def arch_signature(cfg: Config) -> dict:
-    """What fixes a raw network's parameter shapes, apart from use_r (handled by weights.transfer_weights)."""
+    """What fixes a raw network's parameter shapes and what its outputs mean, apart from use_r (handled by
+    weights.transfer_weights)."""
     n = cfg.network
     sub = getattr(n, n.arch)
     if n.arch == "edm2":   # a size preset and its channel count are the same architecture
         sub = dataclasses.replace(sub, size=None, model_channels=edm2_channels(cfg))
+    # model.convention too: the same weights in another clock compute something else (a SiT in the EDM clock)
     return {"network.arch": n.arch, f"network.{n.arch}": sub, "network.num_classes": n.num_classes,
-            "data.resolution": cfg.data.resolution, "data.channels": cfg.data.channels}
+            "data.resolution": cfg.data.resolution, "data.channels": cfg.data.channels,
+            "model.convention": cfg.model.convention}

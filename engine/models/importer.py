@@ -68,9 +68,12 @@ def snapshot_settings(class_name: str, kwargs: dict) -> dict[str, Any]:
     else:
         raise DataError(f"the snapshot holds a {class_name}; this engine imports EDM's EDMPrecond and EDM2's Precond "
                         "snapshots (docs/teachers.md lists the released files)")
+    if arch == "edm2" and "model_channels" not in kwargs:
+        raise DataError("the snapshot's EDM2 network does not say its model_channels: pass --config with the "
+                        "network's settings (configs/teachers/edm2-*.yaml)")
     settings: dict[str, Any] = {"network.arch": arch, "model.kind": "edm", "model.convention": "native",
-                                "network.dropout": defaults.get("dropout", 0.0), "pre.label_dropout": 0.0,
-                                "network.num_classes": 0}
+                                "model.sigma_data": 0.5, "network.dropout": defaults.get("dropout", 0.0),
+                                "pre.label_dropout": 0.0, "network.num_classes": 0}
     settings.update({f"network.{arch}.{k}": defaults[k] for k in section if k in defaults})
     if arch == "edm2":
         settings["network.edm2.size"] = None
@@ -95,17 +98,19 @@ def _config_for(released: Released, weights: Path, config_path, overrides) -> tu
                               "--config with them, e.g. configs/teachers/DiT-XL-2-256x256.yaml (docs/teachers.md)")
         return load_config(config_path, list(overrides)), {}
     settings = snapshot_settings(released.class_name, released.init_kwargs)
-    from_file = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
-    cfg = load_config(config_path, [*from_file, *overrides])
-    if config_path is not None:      # the file is the truth about its network; the config must not say otherwise
-        given = load_config(config_path, list(overrides))
-        same_width = {"network.edm2.size", "network.edm2.model_channels"} if given.network.arch == "edm2" \
-            and edm2_channels(given) == settings.get("network.edm2.model_channels") else set()
-        diff = [f"{k}: file {v!r}, config {_get(given, k)!r}" for k, v in settings.items()
-                if _get(given, k) != v and k not in same_width]
-        if diff:
-            raise ConfigError(f"'{weights}' was built with other settings than --config '{config_path}' "
-                              f"({'; '.join(diff[:4])}): drop --config, or use its configs/teachers/ file")
+    # The file is the truth about its network: neither --config nor --set may say otherwise.
+    given = load_config(config_path, list(overrides))
+    if config_path is None:
+        given = load_config(None, [*(f"{k}={json.dumps(v)}" for k, v in settings.items()), *overrides])
+    same_width = {"network.edm2.size", "network.edm2.model_channels"} if given.network.arch == "edm2" \
+        and edm2_channels(given) == settings.get("network.edm2.model_channels") else set()
+    diff = [f"{k}: file {v!r}, yours {_get(given, k)!r}" for k, v in settings.items()
+            if _get(given, k) != v and k not in same_width]
+    if diff:
+        where = f"--config '{config_path}'" if config_path else "--set"
+        raise ConfigError(f"'{weights}' was built with other settings than {where} gives ({'; '.join(diff[:4])}): "
+                          "drop them, or use the file's configs/teachers/ config")
+    cfg = load_config(config_path, [*(f"{k}={json.dumps(v)}" for k, v in settings.items()), *overrides])
     if cfg.name == "run":
         cfg.name = weights.stem
     return cfg, settings

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import struct
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ from engine.errors import DataError
 
 
 class PlantedCall(pickle.UnpicklingError):
-    """The pickle calls a function outside the allow-list (``os.system`` ...): refused, nothing was called."""
+    """The pickle calls or rebuilds something outside the allow-list (``os.system`` ...): refused, nothing run."""
 
 
 class Inert:
-    """A reference the restricted unpickler will not resolve: what it names, and what it was given."""
+    """A reference the restricted unpickler will not resolve: what it names, and the state it was given."""
     module = "?"
     qualname = "?"
 
@@ -44,15 +45,10 @@ class Inert:
         obj.args, obj.kwargs, obj.state = args, kwargs, None
         return obj
 
-    def __init__(self, *args, **kwargs):
-        # Only a call (pickle's REDUCE) reaches __init__; rebuilding an object (NEWOBJ) does not. A checkpoint
-        # has no reason to call anything outside the allow-list: one that does carries a payload.
-        raise PlantedCall(f"{self.module}.{self.qualname}")
-
     def __setstate__(self, state):
         self.state = state
 
-    # list.append / dict.__setitem__ style BUILD targets (APPEND, SETITEM on an inert object)
+    # APPEND(S) / SETITEM(S) on an inert object (a list or dict subclass such as dnnlib's EasyDict)
     def append(self, value):
         self.__dict__.setdefault("items", []).append(value)
 
@@ -80,67 +76,109 @@ class Persistent:
 def _persistent(meta: dict) -> Persistent:
     """Stands in for the persistence module's reconstruct function: keeps the class name and the state,
     drops the embedded source (``module_src``) without reading it."""
-    state = meta.get("state")
-    return Persistent(str(meta.get("class_name")), state if isinstance(state, dict) else {})
+    state = meta.get("state") if isinstance(meta, dict) else None
+    return Persistent(str(meta.get("class_name")) if isinstance(meta, dict) else "?",
+                      state if isinstance(state, dict) else {})
 
 
 def _storage_from_bytes(data: bytes):
     """What torch storages reduce to when pickled: their bytes in torch's own format, read weights-only."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("a storage without bytes")
     return torch.load(io.BytesIO(data), weights_only=True)
 
 
+def _no_hooks(backward_hooks) -> None:
+    if backward_hooks:
+        raise PlantedCall("a tensor with backward hooks")
+
+
+def _tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, *metadata):
+    """torch's tensor rebuild without its hooks and autograd flags (a weight needs neither)."""
+    _no_hooks(backward_hooks)
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError("a tensor without a storage")
+    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
 def _parameter(data, requires_grad=False, backward_hooks=None, *rest):
+    _no_hooks(backward_hooks)
     return data
 
 
+class _DtypeRecord(Inert):
+    """numpy's dtype, kept as its name (and, from BUILD, its byte order) until an array asks for it."""
+    module, qualname = "numpy", "dtype"
+
+
+_PLAIN_KINDS = "biufc"   # bool, int, uint, float, complex: no object, void or structured dtypes
+
+
+def _numpy_dtype(record) -> np.dtype:
+    """The plain numpy dtype a record names; anything else (objects, fields, sub-arrays) is refused."""
+    name = record.args[0] if isinstance(record, _DtypeRecord) and record.args else None
+    if not isinstance(name, str):
+        raise pickle.UnpicklingError("a numpy array without a plain dtype")
+    dtype = np.dtype(name)
+    if dtype.kind not in _PLAIN_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise PlantedCall(f"a numpy array of dtype {name!r}")
+    order = record.state[1] if isinstance(record.state, tuple) and len(record.state) > 1 else "="
+    return dtype.newbyteorder(order) if order in ("<", ">") else dtype
+
+
 def _numpy_scalar(dtype, data=None):
-    return np.frombuffer(data, dtype=dtype)[0].item() if isinstance(dtype, np.dtype) and data is not None else None
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("a numpy scalar without bytes")
+    return np.frombuffer(data, dtype=_numpy_dtype(dtype))[0].item()
 
 
 class _NumpyArray(Inert):
     """numpy's ndarray reconstruction: the data comes in the BUILD state (version, shape, dtype, fortran, bytes)."""
-
-    def __init__(self):
-        pass
+    module, qualname = "numpy", "ndarray"
 
     def __setstate__(self, state):
         try:
             _, shape, dtype, fortran, data = state
-            self.array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+            self.array = np.frombuffer(data, dtype=_numpy_dtype(dtype)).reshape(
+                shape, order="F" if fortran else "C").copy()
         except (TypeError, ValueError):
             self.array = None
 
 
-class _NumpyDtype(Inert):
-    def __new__(cls, name="f8", *args, **kwargs):
-        try:
-            return np.dtype(name) if isinstance(name, str) else Inert.__new__(cls)
-        except TypeError:
-            return Inert.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
+def _numpy_reconstruct(*args):
+    return _NumpyArray()
 
 
 _SAFE = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("builtins", "set"): set, ("__builtin__", "set"): set,          # a module's _non_persistent_buffers_set
     ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): _tensor,
     ("torch._utils", "_rebuild_parameter"): _parameter,
     ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     ("torch", "Size"): torch.Size,
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent,
-    ("numpy", "dtype"): _NumpyDtype,
+    ("numpy", "dtype"): _DtypeRecord,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "_reconstruct"): lambda *a: _NumpyArray(),
-    ("numpy.core.multiarray", "_reconstruct"): lambda *a: _NumpyArray(),
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
 }
+# What a pickle may call (REDUCE, or INST/OBJ with arguments); everything else it names is only a record.
+_CALLABLE = {id(f) for f in _SAFE.values()} - {id(_NumpyArray)}
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds tensors and plain containers; everything else becomes an :class:`Inert` record."""
+def _name_of(obj) -> str:
+    return f"{obj.module}.{obj.qualname}" if isinstance(obj, type) and issubclass(obj, Inert) else repr(obj)
+
+
+class RestrictedUnpickler(pickle._Unpickler):
+    """Rebuilds tensors and plain containers; everything else becomes an :class:`Inert` record.
+
+    The pure-Python unpickler, with three opcodes narrowed: a call (REDUCE, INST/OBJ with arguments) must be
+    of an allow-listed function, and BUILD (setting an object's state) may only target inert records — so
+    no real object, allow-listed or not, can have its attributes set from the file."""
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
         if (module, name) in _SAFE:
@@ -149,6 +187,27 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids (torch.save's zip format) are read with torch.load")
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if id(func) not in _CALLABLE:
+            raise PlantedCall(_name_of(func))
+        self.stack[-1] = func(*args)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def _instantiate(self, klass, args):
+        if args and id(klass) not in _CALLABLE:
+            raise PlantedCall(_name_of(klass))
+        super()._instantiate(klass, args)
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if not isinstance(inst, Inert):
+            raise PlantedCall(f"setting the state of {type(inst).__name__}")
+        inst.__setstate__(state)
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_pickle(path) -> Any:
@@ -239,7 +298,9 @@ def read_released(path) -> Released:
     """A released file of any supported kind; a one-line DataError for anything else."""
     path = Path(path)
     try:
-        if zipfile.is_zipfile(path):                       # torch.save's format: .pt / .pth
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PK\x03\x04":                       # torch.save's zip format: .pt / .pth
             try:
                 data = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError:                 # non-tensor entries (argparse.Namespace ...)
@@ -250,10 +311,10 @@ def read_released(path) -> Released:
         else:
             data = read_pickle(path)
     except PlantedCall as call:
-        raise DataError(f"'{path}' calls {call} while it is read, which no checkpoint needs: refused, nothing from "
-                        "it was run (a tampered file? get it again from its source)") from None
+        raise DataError(f"'{path}' asks for {call} while it is read, which no checkpoint needs: refused, nothing "
+                        "from it was run (a tampered file? get it again from its source)") from None
     except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError, AttributeError, IndexError,
-            KeyError, TypeError) as error:
+            KeyError, TypeError, struct.error) as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DataError(f"'{path}' is not a readable checkpoint ({first}): pass a released .pkl snapshot, a "
                         ".pt/.pth checkpoint or state dict, or a .safetensors file") from None
@@ -278,6 +339,20 @@ def read_released(path) -> Released:
                     f"state dict, or a checkpoint dict with one of {', '.join(CHECKPOINT_KEYS)})")
 
 
+# The element type of each storage class torch.save names (what a persistent id says; never the class itself).
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128, "UntypedStorage": torch.uint8,
+}
+
+
+class _StorageType(Inert):
+    """A storage class named by the file, as its element type only."""
+    module = "torch"
+
+
 def _restricted_torch_load(path: Path):
     """torch.save's zip format through the restricted unpickler: the tensors' storages are read from the
     archive, every other object becomes an inert record."""
@@ -288,19 +363,20 @@ def _restricted_torch_load(path: Path):
 
         class _Zip(RestrictedUnpickler):
             def persistent_load(self, pid):
-                kind, storage_type, key, _, numel = pid
-                if kind != "storage":
-                    raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
-                raw = archive.read(f"{root}/data/{key}")
-                with warnings.catch_warnings():   # torch's legacy storage classes warn when touched; torch.load too
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                        and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)):
+                    raise pickle.UnpicklingError(f"unknown persistent id {pid!r:.80}")
+                raw = archive.read(f"{root}/data/{pid[2]}")
+                with warnings.catch_warnings():   # TypedStorage is deprecated for users, still torch's own format
                     warnings.simplefilter("ignore", UserWarning)
-                    dtype = getattr(storage_type, "dtype", torch.uint8)
                     return torch.storage.TypedStorage(wrap_storage=torch.UntypedStorage.from_buffer(
-                        raw, dtype=torch.uint8), dtype=dtype, _internal=True)
+                        raw, dtype=torch.uint8), dtype=pid[1].dtype, _internal=True)
 
             def find_class(self, module, name):
-                if module == "torch" and name.endswith("Storage"):
-                    return getattr(torch, name)
+                if module == "torch" and name in _STORAGE_DTYPES:
+                    record = _StorageType()
+                    record.qualname, record.dtype = name, _STORAGE_DTYPES[name]
+                    return record
                 return super().find_class(module, name)
 
         return _Zip(io.BytesIO(data_pkl)).load()

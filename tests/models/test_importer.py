@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -249,6 +250,10 @@ def test_meanflow_sit_from_the_imported_sit_starts_as_the_teacher_for_every_r(tm
     student = build_raw_network(cfg)
     report = transfer_weights(student, cfg, tcfg, tnet, config_key="mid.teacher", path=tmp_path / "run")
     assert report["left_at_init"] and all(k.startswith("r_embedder.") for k in report["left_at_init"])
+    native = load_config(TEACHERS / "SiT-XL-2-256x256.yaml", [*overrides, "network.use_r=true",
+                                                               "model.convention=native"])
+    with pytest.raises(ConfigError, match="different architecture.*model.convention: sit_velocity"):
+        transfer_weights(build_raw_network(native), native, tcfg, tnet, config_key="mid.teacher", path="T")
     u_of = wrap_network(student, cfg, "meanflow")
     assert isinstance(u_of, SiTMeanFlowModel)
     v_of = wrap_network(tnet, tcfg, "flow")
@@ -340,6 +345,8 @@ def test_every_released_teacher_has_a_mid_config_whose_student_fits_it(name):
         student, teacher = build_raw_network(cfg), build_raw_network(tcfg)
         wrap_network(student, cfg, model_kind(cfg, "mid"))
         wrap_network(teacher, tcfg, model_kind(tcfg, "pre"))
+    if cfg.network.num_classes:      # a conditional student trains on labelled data
+        assert cfg.data.labels_path or cfg.data.source in ("zip", "folder")
     if cfg.mid.init == "teacher":
         assert arch_signature(cfg) == arch_signature(tcfg)
         missing = set(student.state_dict()) - set(teacher.state_dict())
@@ -360,7 +367,7 @@ def test_planted_payload_is_refused_without_running_and_the_embedded_source_is_n
     planted = write_snapshot(tmp_path / "planted.pkl", "EDMPrecond", kwargs, weights, inner="model",
                              inner_class="SongUNet", module_src=source,
                              extra={"augment_pipe": Payload(f"touch {from_reduce}")})
-    with pytest.raises(DataError, match=r"calls (posix|os|nt)\.system while it is read.*refused, nothing"):
+    with pytest.raises(DataError, match=r"asks for (posix|os|nt)\.system while it is read.*refused, nothing"):
         read_released(planted)
     with pytest.raises(DataError, match="refused"):
         import_weights(planted, tmp_path / "run")
@@ -379,6 +386,53 @@ def test_planted_payload_is_refused_without_running_and_the_embedded_source_is_n
     subprocess.run([sys.executable, "-c", f"import pickle, sys; sys.path.insert(0, {str(fake)!r}); "
                     f"pickle.load(open({str(planted)!r}, 'rb'))"], check=True, capture_output=True)
     assert from_source.exists() and from_reduce.exists()
+
+
+class HookedTensor:
+    """Pickles as torch's tensor rebuild with a backward hook attached (a plain weight has none)."""
+
+    def __reduce__(self):
+        from collections import OrderedDict
+        return torch._utils._rebuild_tensor_v2, (torch.ones(2).storage(), 0, (2,), (1,), False,
+                                                 OrderedDict({0: set()}))
+
+
+def _global(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _text(s):
+    return b"X" + len(s.encode()).to_bytes(4, "little") + s.encode()
+
+
+def test_no_object_from_the_file_can_set_state_on_a_real_object_or_call_outside_the_allow_list(tmp_path):
+    """Hand-made opcodes, where pickle itself would never write them: BUILD on an allow-listed function (which
+    would tamper with torch for the whole process), a numpy dtype rebuilt with object fields (which would
+    read the file's bytes as pointers), backward hooks on a tensor, a storage class called from a .pt."""
+    defaults_before = torch._utils._rebuild_tensor_v2.__defaults__
+    tamper = (b"\x80\x02" + _global("torch._utils", "_rebuild_tensor_v2") + b"N}" + _text("__defaults__") +
+              b")s\x86b.")
+    void = _global("numpy", "dtype") + b"(" + _text("V8") + b"I00\nI01\ntR"
+    array = (_global("numpy.core.multiarray", "_reconstruct") + b"(" + _global("numpy", "ndarray") +
+             b"(K\x00tC\x01btR(K\x01(K\x01t" + void + b"I00\n" + b"B" + (8).to_bytes(4, "little") + b"A" * 8 +
+             b"tb")
+    pointers = b"\x80\x03}" + _text("ema") + array + b"s."
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hooks = pickle.dumps({"w": HookedTensor()})
+    for name, payload, why in [("tamper.pkl", tamper, "setting the state of function"),
+                               ("pointers.pkl", pointers, "numpy array of dtype 'V8'"),
+                               ("hooks.pkl", hooks, "a tensor with backward hooks")]:
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(DataError, match=why):
+            read_released(tmp_path / name)
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults_before
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "storage.pt", "w") as z:       # torch.save's layout, data.pkl calling a class
+        z.writestr("archive/data.pkl", b"\x80\x02" + _global("torch", "UntypedStorage") + b"(J\x00\x00\x00@tR.")
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(DataError, match="asks for .*UntypedStorage.*refused"):
+        read_released(tmp_path / "storage.pt")
 
 
 def test_pickled_modules_and_checkpoints_give_their_tensors_and_bad_files_one_line(tmp_path):
@@ -454,6 +508,9 @@ def test_a_snapshot_and_a_config_that_disagree_or_unknown_arguments_are_refused(
     report = import_weights(pkl, tmp_path / "run", config_path=TEACHERS / "edm-cifar10-32x32-cond-vp.yaml",
                             overrides=["network.songunet.model_channels=8"])    # agreeing: accepted
     assert report["loaded"] == len(fixture("edm_ddpmpp_cifar10/cond")[2])
+    for wrong in ("model.convention=ddpm_eps", "model.sigma_data=1.0", "pre.label_dropout=0.1"):
+        with pytest.raises(ConfigError, match=f"other settings than --set gives.*{wrong.split('=')[0]}"):
+            import_weights(pkl, tmp_path / "run2", overrides=[wrong])    # --set cannot re-describe the file
     with pytest.raises(DataError, match="built with skip_connections=True, which this engine has no setting"):
         snapshot_settings("EDMPrecond", {"model_type": "SongUNet", "skip_connections": True})
     with pytest.raises(DataError, match="imports SongUNet and DhariwalUNet"):
