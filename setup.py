@@ -143,6 +143,7 @@ setup(
         "cmt-latents = engine.cli.latents:main",
         "cmt-import-weights = engine.cli.import_weights:main",
         "cmt-train-feature-net = engine.cli.train_feature_net:main",
+        "cmt-prepare = engine.cli.prepare:main",
     ]},
     install_requires=[
         "torch==2.14.1",
@@ -157,11 +158,14 @@ setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "lpips==0.1.4",
+        "tensorboard==2.21.0",        # scalars beside log.jsonl
+        "timm==1.0.31",               # DINOv2 ViT-L/14 for FD_DINOv2 (weights from a local file)
+        "torch-fidelity==0.4.0",      # the TF-exact Inception-v3 of FID (weights from a local file)
         "pybind11>=2.12",
         "ninja>=1.11",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "diffusers==0.42.1"],
+        "dev": ["pytest>=8.0", "diffusers==0.42.1", "pytorch-fid==0.3.0"],   # pytorch-fid: a test oracle
         "dali": ["nvidia-dali-cuda130==2.4.0"],
     },
 )

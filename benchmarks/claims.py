@@ -55,6 +55,7 @@ def score_snapshots(run_dir: Path, num_samples: int) -> list[dict]:
 
 def mid_cost(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]     # not the score rows
     last = rows[-1]
     steady = rows[1:] or rows   # the first interval includes start-up
     return {"teacher_nfe_per_pair": last["teacher_nfe"] / last["pairs"],

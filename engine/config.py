@@ -287,6 +287,9 @@ class TrainConfig:
     grad_accum: int = setting(1, min=1)
     deepspeed_config: Optional[str] = None   # a JSON file; overrides zero_stage / precision / grad_accum
     progress: bool = may_change_on_resume(True)
+    # score the EMA network every this many kimg with eval.* (log.jsonl "eval" rows, TensorBoard); 0 = off
+    eval_every_kimg: float = setting(0.0, min=0, resume=True)
+    tensorboard: bool = may_change_on_resume(True)   # TensorBoard scalars in RUN/tensorboard beside log.jsonl
     # before_step: every optimizer step checks, before the update is applied, that the step's inputs, loss
     # and gradients are finite (one host sync per step); deferred: only at log rows, snapshots and
     # checkpoints (no per-step sync). Either way no checkpoint or export holds a non-finite step.
@@ -306,9 +309,18 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = setting(1000, min=2)
+    """Scoring (docs/evaluation.md): cmt-evaluate's defaults, and the scores written into the log every
+    train.eval_every_kimg. fd_digits_cnn needs no files (the embedded digits only); fid and fd_dinov2 need
+    the detector's weights and a reference statistics file."""
+    num: int = setting(1000, min=2)        # images scored during training (cmt-evaluate: --num-images, default 50,000)
     batch_size: int = setting(250, min=1)
-    seed: int = setting(12345, min=0)
+    seed: int = setting(12345, min=0)      # the digits report's noise seed (the protocol uses seeds 0..num-1)
+    metrics: list[Literal["fd_digits_cnn", "fid", "fd_dinov2"]] = setting(
+        default_factory=lambda: ["fd_digits_cnn"], nonempty=True)
+    ref: Optional[str] = None              # reference statistics: EDM .npz, EDM2 refs .pkl, ADM .npz
+    inception: Optional[str] = None        # Inception-v3 weights for fid (pytorch-fid's .pth)
+    dinov2: Optional[str] = None           # DINOv2 ViT-L/14 weights for fd_dinov2
+    vae: Optional[str] = None              # latent runs: the SD-VAE (diffusers dir) that decodes the samples
 
 
 @dataclass
@@ -481,12 +493,22 @@ def save_config(cfg: Config, path: str | Path) -> None:
     write_text_atomically(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+# Keys earlier versions of the engine wrote into run dirs and exports, and what they are called now.
+RENAMED_KEYS = {("eval", "num_samples"): ("eval", "num")}
+
+
 def read_saved_config(path: str | Path) -> Config:
-    """A config.yaml this engine wrote (a run dir's or an export's), validated like any other."""
+    """A config.yaml this engine wrote (a run dir's or an export's), validated like any other; keys an
+    earlier version wrote under another name (RENAMED_KEYS) are read under their new one."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"'{path}' is not valid YAML ({str(exc).splitlines()[0]}): restore it or use a "
                           "new --run-dir") from None
-    return from_dict(Config, raw or {})
+    raw = raw or {}
+    for (section, old), (_, new) in RENAMED_KEYS.items():
+        part = raw.get(section)
+        if isinstance(part, dict) and old in part and new not in part:
+            part[new] = part.pop(old)
+    return from_dict(Config, raw)

@@ -56,6 +56,15 @@ def test_round_trip(tmp_path):
     assert load_config(tmp_path / "c.yaml") == cfg
 
 
+def test_a_saved_config_of_an_earlier_version_reads_under_the_new_key_names(tmp_path):
+    from engine.config import read_saved_config
+
+    (tmp_path / "old.yaml").write_text("eval:\n  num_samples: 300\n")
+    assert read_saved_config(tmp_path / "old.yaml").eval.num == 300
+    with pytest.raises(ConfigError, match="unknown config key 'eval.num_samples'"):   # a user's config: the new name
+        load_config(tmp_path / "old.yaml")
+
+
 def test_base_inheritance(tmp_path):
     (tmp_path / "a.yaml").write_text("name: a\ntrain:\n  seed: 3\n  batch_size: 64\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\nname: b\ntrain:\n  seed: 5\n")
@@ -64,6 +73,10 @@ def test_base_inheritance(tmp_path):
     (tmp_path / "c.yaml").write_text("base: c.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("train:\n  batch_size: 8\n")
+    (tmp_path / "f.yaml").write_text("base: [a.yaml, e.yaml]\nname: f\n")       # a list: merged in order
+    cfg = load_config(tmp_path / "f.yaml")
+    assert (cfg.name, cfg.train.seed, cfg.train.batch_size) == ("f", 3, 8)
     (tmp_path / "d.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match="missing.yaml' does not exist"):
         load_config(tmp_path / "d.yaml")

@@ -1,6 +1,7 @@
 """SD-VAE latents: encode a dataset once to `.npy` shards, decode latent samples back to images.
 
     cmt-latents encode --vae VAE_DIR --images DIR_or_ZIP --out OUT_DIR --batch 64 [--norm edm2]
+    cmt-latents encode --vae VAE_DIR --images DIR_or_ZIP --out latents.zip --format edm2-zip   # EDM2's zip
     cmt-latents decode --vae VAE_DIR --latents FILE.npy --out PNG_DIR --batch 64
 
 engine/data/latents.py describes the formats and the two normalisations.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 
 from engine.cli import CommandParser, entry_point
-from engine.data.latents import NORMS, decode_file, encode_dataset
+from engine.data.latents import NORMS, decode_file, encode_dataset, encode_edm2_zip
 
 
 @entry_point
@@ -26,6 +27,9 @@ def main(argv=None) -> int:
     enc.add_argument("--shard-size", type=int, default=50_000)
     enc.add_argument("--no-merge", action="store_true", help="write only the shards, not latents.npy/labels.npy")
     enc.add_argument("--device", default="cpu")
+    enc.add_argument("--format", choices=("npy", "edm2-zip"), default="npy",
+                     help="npy: shards + latents.npy in the --out folder; edm2-zip: EDM2's latent zip at --out (.zip), "
+                          "one raw mean+std .npy per image and dataset.json, read by data.source=zip")
     dec = sub.add_parser("decode", help="normalised latents (.npy) -> PNG images")
     dec.add_argument("--vae", required=True)
     dec.add_argument("--latents", required=True, help=".npy of latents [N, C, h, w]")
@@ -34,7 +38,10 @@ def main(argv=None) -> int:
     dec.add_argument("--norm", choices=NORMS, default=None, help="default: from latents.json beside --latents")
     dec.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    if args.command == "encode":
+    if args.command == "encode" and args.format == "edm2-zip":
+        out = encode_edm2_zip(args.vae, args.images, args.out, batch=args.batch, norm=args.norm,
+                              resolution=args.resolution, device=args.device)
+    elif args.command == "encode":
         out = encode_dataset(args.vae, args.images, args.out, batch=args.batch, norm=args.norm,
                              resolution=args.resolution, shard_size=args.shard_size, merge=not args.no_merge,
                              device=args.device)

@@ -1,6 +1,7 @@
-"""SD-VAE latents: encode a dataset once to `.npy` shards, decode latent samples back to images.
+"""SD-VAE latents: encode a dataset once to `.npy` shards or an EDM2 latent zip, decode latent samples back to images.
 
     cmt-latents encode --vae VAE_DIR --images DIR_or_ZIP --out OUT_DIR --batch 64 [--norm edm2]
+    cmt-latents encode --vae VAE_DIR --images img512.zip --out img512-sd.zip --format edm2-zip
     cmt-latents decode --vae VAE_DIR --latents FILE.npy --out PNG_DIR --batch 64
 
 The VAE is diffusers' ``AutoencoderKL`` read from a local folder (``config.json`` +
@@ -18,6 +19,14 @@ reader can take them one at a time), ``latents.json`` (the normalisation, so ``d
 per-channel statistics measured on this data) and, unless ``--no-merge``, ``latents.npy`` + ``labels.npy``:
 the single arrays ``data.source: npy`` reads (``data.path`` / ``data.labels_path``).
 
+``--format edm2-zip`` writes EDM2's latent dataset instead: an uncompressed zip of one ``.npy`` per image
+(``00000/img00000000.npy``, ...) plus ``dataset.json`` labels, the layout EDM2's README describes ("ZIP archives
+containing uncompressed PNG or NPY files, along with a metadata file dataset.json"). Each entry is float32
+[2C, h, w]: the raw (unnormalised) posterior mean of the C latent channels, then their standard deviation, so a
+reader may draw mean + std·ε per use as EDM2 does. ``data.source: zip`` reads such a zip (and EDM2's own) by
+:func:`read_latent_entry`: entries of 2·data.channels channels are taken as mean ‖ std and give the mean,
+normalised with EDM2's statistics (``edm2`` above); entries of data.channels channels are used as stored.
+
 Labels come from a ``dataset.json`` beside the images (``{"labels": [["rel/path.png", 3], ...]}``, the
 EDM/StyleGAN dataset convention) or else from class sub-folders (ImageNet's ``nXXXXXXXX/`` layout, indexed in
 sorted order); with neither the set is unlabeled.
@@ -26,14 +35,16 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
+import sys
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from engine.data.sources import is_image_name
+from engine.data.prepare import DatasetWriter, ImageSource, output_name
+from engine.data.sources import decode_array
 from engine.errors import ConfigError, DataError, MissingFileError
 
 SD_SCALE = 0.18215
@@ -97,6 +108,9 @@ class LatentNorm:
         return cls(meta["norm"], meta["scale"], meta["shift"])
 
 
+_EDM2_NORM = LatentNorm.named("edm2")
+
+
 @torch.no_grad()
 def encode_images(vae, images: torch.Tensor, norm: LatentNorm) -> torch.Tensor:
     """Pixels [B, 3, H, W] in [-1, 1] → normalised latents [B, C, H/8, W/8] (the posterior mean)."""
@@ -113,66 +127,39 @@ def decode_latents(vae, latents: torch.Tensor, norm: LatentNorm) -> torch.Tensor
     return vae.decode(raw).sample.float().clamp(-1, 1).cpu()
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading an image set
-# --------------------------------------------------------------------------------------------------
-class ImageSource:
-    """Sorted image names in a folder (recursive) or zip, with their labels, read one at a time."""
+def load_pixels(source: ImageSource, index: int, resolution: int | None) -> torch.Tensor:
+    """Image `index` as [3, H, W] in [-1, 1]; centre-cropped to a square and resized when `resolution`."""
+    img = source.open(index)
+    if resolution is not None:
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return arr.float() / 127.5 - 1.0
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise DataError(f"--images '{self.path}' does not exist: pass a folder or .zip of .png/.jpg images")
-        if self.path.is_dir():
-            self.zip = None
-            names = [p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p.is_file()]
-        else:
-            try:
-                self.zip = zipfile.ZipFile(self.path)
-            except zipfile.BadZipFile:
-                raise DataError(f"--images '{self.path}' is neither a folder nor a .zip") from None
-            names = self.zip.namelist()
-        self.names = sorted(n for n in names if is_image_name(n))
-        if not self.names:
-            raise DataError(f"--images '{self.path}' holds no .png/.jpg images")
-        self.labels = self._labels(names)
 
-    def _read(self, name: str) -> bytes:
-        return self.zip.read(name) if self.zip is not None else (self.path / name).read_bytes()
-
-    def _labels(self, all_names: list[str]) -> np.ndarray | None:
-        if "dataset.json" in all_names:
-            table = json.loads(self._read("dataset.json")).get("labels")
-            if table is None:
-                return None
-            by_name = {str(n): int(c) for n, c in table}
-            missing = [n for n in self.names if n not in by_name]
-            if missing:
-                raise DataError(f"dataset.json in '{self.path}' has no label for '{missing[0]}' "
-                                f"({len(missing)} images unlabeled): list every image or remove the labels")
-            return np.array([by_name[n] for n in self.names], dtype=np.int64)
-        folders = [n.split("/")[0] if "/" in n else None for n in self.names]
-        if any(f is None for f in folders):
-            return None
-        classes = {f: i for i, f in enumerate(sorted(set(folders)))}
-        return np.array([classes[f] for f in folders], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def load(self, index: int, resolution: int | None) -> torch.Tensor:
-        """Image `index` as [3, H, W] in [-1, 1]; centre-cropped to a square and resized when `resolution`."""
-        name = self.names[index]
-        try:
-            img = Image.open(io.BytesIO(self._read(name))).convert("RGB")
-        except OSError as exc:
-            raise DataError(f"'{name}' in '{self.path}' is not a readable image ({exc})") from None
-        if resolution is not None:
-            side = min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
-            img = img.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return arr.float() / 127.5 - 1.0
+def read_latent_entry(name: str, open_bytes: Callable[[], BinaryIO], resolution: int, channels: int,
+                      like: str | None = None) -> torch.Tensor:
+    """One `.npy` item of a latent zip or folder → float32 [channels, resolution, resolution] (module docstring):
+    2·channels channels (EDM2's mean ‖ std) give the EDM2-normalised mean, `channels` channels are kept as stored.
+    like: an earlier entry that fitted, named beside a misfit (mixed shapes)."""
+    array = decode_array(name, open_bytes)
+    c, h, w = array.shape
+    if (h, w) == (resolution, resolution) and c in (channels, 2 * channels):
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if c == channels:
+            return tensor
+        if channels != len(EDM2_RAW_MEAN):
+            raise DataError(f"{name} holds {c} channels, read as EDM2's mean and std of {channels}-channel latents, "
+                            f"but EDM2's statistics are for 4-channel SD-VAE latents: store normalised latents "
+                            f"of data.channels={channels} channels instead")
+        return _EDM2_NORM.normalize(tensor[None, :channels])[0]
+    if like is not None:
+        raise DataError(f"{name} holds {list(array.shape)} but {like} fitted data.channels={channels}, "
+                        f"data.resolution={resolution}: every entry of one dataset must have one shape")
+    raise DataError(f"{name} holds {list(array.shape)} but data.channels={channels}, data.resolution={resolution} "
+                    f"expect [{channels}, {resolution}, {resolution}] (or [{2 * channels}, {resolution}, "
+                    f"{resolution}]: EDM2's mean and std): fix the config")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,7 +175,7 @@ def encode_dataset(vae_dir, images, out_dir, *, batch: int = 32, norm: str = "ed
     latent_norm = LatentNorm.named(norm, float(vae.config.scaling_factor), int(vae.config.latent_channels))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    shards, buffer, shape, written = [], [], None, 0
+    shards, buffer, written = [], [], 0
     count, total, total_sq = 0, 0.0, 0.0   # raw-latent statistics per channel
 
     def flush(part: np.ndarray):
@@ -200,17 +187,8 @@ def encode_dataset(vae_dir, images, out_dir, *, batch: int = 32, norm: str = "ed
         shards.append(f"latents-{k:05d}.npy")
         written += len(part)
 
-    for start in range(0, len(source), batch):
-        pixels = [source.load(i, resolution) for i in range(start, min(start + batch, len(source)))]
-        if shape is None:
-            shape = pixels[0].shape
-        bad = next((start + i for i, p in enumerate(pixels) if p.shape != shape), None)
-        if bad is not None:
-            raise DataError(f"'{source.names[bad]}' is {tuple(pixels[bad - start].shape[1:])}, the first image "
-                            f"{tuple(shape[1:])}: pass --resolution to centre-crop and resize all images")
-        if shape[1] % 8 or shape[2] % 8:
-            raise DataError(f"images are {tuple(shape[1:])}; the SD-VAE needs sides divisible by 8: pass --resolution")
-        x = encode_images(vae, torch.stack(pixels), latent_norm)
+    for _, pixels in _pixel_batches(source, batch, resolution):
+        x = encode_images(vae, pixels, latent_norm)
         raw = latent_norm.denormalize(x).double()
         count += raw.numel() // raw.shape[1]
         total = total + raw.sum(dim=(0, 2, 3))
@@ -239,6 +217,60 @@ def encode_dataset(vae_dir, images, out_dir, *, batch: int = 32, norm: str = "ed
         if source.labels is not None:
             np.save(out_dir / "labels.npy", source.labels)
     return out_dir
+
+
+def encode_edm2_zip(vae_dir, images, out_zip, *, batch: int = 32, norm: str = "edm2", resolution: int | None = None,
+                    device: str = "cpu", progress: bool = True) -> Path:
+    """Encode every image under `images` into EDM2's latent zip at `out_zip` (module docstring): one float32
+    [2C, h, w] entry of raw posterior mean ‖ std per image, and dataset.json labels; written under a temporary
+    name and renamed at the end, so `out_zip` is never half-written. Returns out_zip."""
+    if norm != "edm2":
+        raise ConfigError("--format edm2-zip stores EDM2's raw mean and std, normalised with EDM2's statistics "
+                          "when read: use --norm edm2 (the default), or --format npy for the sd normalisation")
+    if batch < 1:
+        raise ConfigError("--batch must be positive")
+    out_zip = Path(out_zip)
+    if out_zip.suffix.lower() != ".zip":
+        raise ConfigError(f"--out '{out_zip}' must end in .zip for --format edm2-zip")
+    source = ImageSource(images)
+    vae = load_vae(vae_dir, device)
+    param = next(vae.parameters())
+    from tqdm import tqdm
+    bar = tqdm(total=len(source), desc="encode", unit="img", file=sys.stderr, mininterval=2.0, dynamic_ncols=True,
+               disable=not progress)
+    labels = []
+    with DatasetWriter(out_zip) as out:
+        for start, pixels in _pixel_batches(source, batch, resolution):
+            with torch.no_grad():
+                posterior = vae.encode(pixels.to(param.device, param.dtype)).latent_dist
+            moments = torch.cat([posterior.mean, posterior.std], dim=1).float().cpu().numpy()
+            for offset, item in enumerate(moments):
+                index = start + offset
+                buffer = io.BytesIO()
+                np.save(buffer, item)
+                out.add(output_name(index, ".npy"), buffer.getvalue())
+                if source.labels is not None:
+                    labels.append([output_name(index, ".npy"), int(source.labels[index])])
+            bar.update(len(moments))
+        bar.close()
+        out.commit(labels if source.labels is not None else None)
+    return out_zip
+
+
+def _pixel_batches(source: ImageSource, batch: int, resolution: int | None):
+    """(first index, pixels [B, 3, H, W] in [-1, 1]) for each batch of `source`, all of one size a VAE can take."""
+    shape = None
+    for start in range(0, len(source), batch):
+        pixels = [load_pixels(source, i, resolution) for i in range(start, min(start + batch, len(source)))]
+        if shape is None:
+            shape = pixels[0].shape
+        bad = next((start + i for i, p in enumerate(pixels) if p.shape != shape), None)
+        if bad is not None:
+            raise DataError(f"'{source.names[bad]}' is {tuple(pixels[bad - start].shape[1:])}, the first image "
+                            f"{tuple(shape[1:])}: pass --resolution to centre-crop and resize all images")
+        if shape[1] % 8 or shape[2] % 8:
+            raise DataError(f"images are {tuple(shape[1:])}; the SD-VAE needs sides divisible by 8: pass --resolution")
+        yield start, torch.stack(pixels)
 
 
 def decode_file(vae_dir, latents_path, out_dir, *, batch: int = 32, norm: str | None = None,

@@ -79,6 +79,12 @@ def _reference(resolution: int, net_file: Path):
     return net, feature_statistics(extract_features(train.images, net)), extract_features(heldout.images, net)
 
 
+def digits_reference(resolution: int = 16, cache_dir: str | Path | None = None):
+    """(digits feature net, (mu, sigma) of the digits train split): fd_digits_cnn's detector and reference."""
+    net, train_statistics, _ = _reference(resolution, cache_path(resolution, cache_dir))
+    return net, train_statistics
+
+
 def reference_floor(resolution: int = 16, cache_dir: str | Path | None = None) -> float:
     """The distance of the 297 held-out real digits to the train split: what a perfect model scores at 297."""
     _, train_statistics, heldout_features = _reference(resolution, cache_path(resolution, cache_dir))

@@ -30,22 +30,44 @@ def _teacher_states(model, kind: str, cfg: Config, eps, labels, solver: str, ste
     return (fm_heun if solver == "heun" else fm_euler)(lambda z, t: model(z, t, labels), eps, times)
 
 
-@torch.no_grad()
-def generate(net: torch.nn.Module, cfg: Config, kind: str, num: int, seed: int, solver: str | None = None,
-             steps: int | None = None, order: int | None = None, batch_size: int | None = None,
-             device: str | torch.device = "cpu") -> torch.Tensor:
-    """Samples [num, C, H, W] from a raw network used as `kind` (engine.models.factory.model_kind).
-
-    Teachers ('edm', 'flow') solve their ODE (defaults from cfg.sample); flow maps ('consistency',
-    'meanflow') take `steps` jumps (default 1; consistency 2-step re-noises to cfg.sample.t_mid).
-    The noise is drawn at once from `seed`, so the images do not depend on batch_size.
-    """
+def sampler_settings(cfg: Config, kind: str, solver: str | None = None, steps: int | None = None,
+                     order: int | None = None) -> dict:
+    """What draws the samples, defaults filled in: teachers ('edm', 'flow') solve their ODE (cfg.sample),
+    flow maps ('consistency', 'meanflow') take `steps` jumps (default 1; a consistency model 1 or 2)."""
     teacher = kind in ("edm", "flow")
     steps = steps if steps is not None else (cfg.sample.steps if teacher else 1)
     if steps < 1 or (kind == "consistency" and steps > 2):
         raise ConfigError(f"{steps} sampling steps for a '{kind}' network: teachers and MeanFlow take 1 or more, a "
                           "consistency model 1 or 2 (it re-noises to sample.t_mid between them)")
-    solver, order = solver or cfg.sample.solver, order or cfg.sample.order
+    out = {"kind": kind, "steps": steps}
+    if teacher:
+        out.update(solver=solver or cfg.sample.solver, order=order or cfg.sample.order)
+    return out
+
+
+def sample_batch(model, cfg: Config, sampler: dict, eps: torch.Tensor, labels, renoise=None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One batch of samples from unit noise `eps` (and `labels`) with a wrapped model (wrap_network).
+    A 2-step consistency model re-noises with `renoise` (each image's own) or draws from `generator`."""
+    kind, steps = sampler["kind"], sampler["steps"]
+    if kind in ("edm", "flow"):
+        states = _teacher_states(model, kind, cfg, eps, labels, sampler["solver"], steps, sampler["order"])
+    elif kind == "consistency":
+        states = consistency_sample(lambda x, s: model(x, s, labels), eps, cfg.model.sigma_max, steps,
+                                    cfg.sample.t_mid, cfg.model.sigma_min, generator=generator, renoise=renoise)
+    else:
+        states = meanflow_sample(lambda z, r, t: model(z, r, t, labels), eps, steps)
+    return states[-1].float()
+
+
+@torch.no_grad()
+def generate(net: torch.nn.Module, cfg: Config, kind: str, num: int, seed: int, solver: str | None = None,
+             steps: int | None = None, order: int | None = None, batch_size: int | None = None,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """Samples [num, C, H, W] from a raw network used as `kind` (engine.models.factory.model_kind), with
+    the sampler of :func:`sampler_settings`. The noise is drawn at once from `seed`, so the images do not
+    depend on batch_size (engine/eval/protocol.py draws each image from its own seed instead)."""
+    sampler = sampler_settings(cfg, kind, solver, steps, order)
     batch_size = batch_size or cfg.sample.batch_size
     model = wrap_network(net, cfg, kind).eval()
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
@@ -56,15 +78,8 @@ def generate(net: torch.nn.Module, cfg: Config, kind: str, num: int, seed: int, 
     for lo in range(0, num, batch_size):
         eps = noise[lo:lo + batch_size].to(device)
         lab = None if labels is None else labels[lo:lo + batch_size].to(device)
-        if teacher:
-            states = _teacher_states(model, kind, cfg, eps, lab, solver, steps, order)
-        elif kind == "consistency":
-            renoise = torch.Generator(device).manual_seed(seed + 1 + lo)
-            states = consistency_sample(lambda x, s: model(x, s, lab), eps, cfg.model.sigma_max, steps,
-                                        cfg.sample.t_mid, cfg.model.sigma_min, generator=renoise)
-        else:
-            states = meanflow_sample(lambda z, r, t: model(z, r, t, lab), eps, steps)
-        out.append(states[-1].float().cpu())
+        renoise = torch.Generator(device).manual_seed(seed + 1 + lo)
+        out.append(sample_batch(model, cfg, sampler, eps, lab, generator=renoise).cpu())
     return torch.cat(out)
 
 

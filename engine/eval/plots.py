@@ -24,6 +24,7 @@ def plot_losses(panels: dict[str, dict[str, list[dict]]], out: str | Path) -> Pa
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 4.0 * len(panels)), 3.6), dpi=120, squeeze=False)
     for ax, (title, runs) in zip(axes[0], panels.items()):
         for label, rows in runs.items():
+            rows = [r for r in rows if "loss" in r]     # score rows (train.eval_every_kimg) have none
             ax.plot([r["kimg"] for r in rows], [r["loss"] for r in rows], label=label)
         ax.set_title(title)
         ax.set_xlabel("kimg (training images)")

@@ -12,7 +12,7 @@ import torch
 from engine.config import Config
 from engine.errors import ConfigError, UnsupportedError
 from engine.eval.frechet import METRIC_NAME, evaluate_images
-from engine.eval.generate import generate
+from engine.eval.generate import generate, sampler_settings
 from engine.models.factory import build_raw_network, model_kind
 
 
@@ -20,9 +20,9 @@ def evaluate_network(net: torch.nn.Module, cfg: Config, kind: str, num_samples: 
                      **sampler) -> dict:
     """Generate `num_samples` images as `kind` (engine.models.factory.model_kind) and score them."""
     if cfg.data.source != "digits":
-        raise UnsupportedError("cmt-evaluate scores the embedded digits only (its feature net is trained on them); "
-                          f"this run uses data.source={cfg.data.source}")
-    num = cfg.eval.num_samples if num_samples is None else num_samples
+        raise UnsupportedError(f"fd_digits_cnn scores the embedded digits only (this run uses data.source="
+                               f"{cfg.data.source}): pass --metrics fid / fd_dinov2 with --ref (docs/evaluation.md)")
+    num = cfg.eval.num if num_samples is None else num_samples
     if num < 2:
         raise ConfigError(f"{num} samples: a Fréchet distance needs at least 2 (a covariance)")
     images = generate(net, cfg, kind, num, cfg.eval.seed, **sampler)
@@ -33,10 +33,7 @@ def report(net: torch.nn.Module, cfg: Config, meta: dict, num_samples: int | Non
            include_untrained: bool = True, **sampler) -> dict:
     t0 = time.time()
     kind = model_kind(cfg, meta.get("stage", "pre"))
-    teacher = kind in ("edm", "flow")
-    solver = {"kind": kind, "steps": sampler.get("steps") or (cfg.sample.steps if teacher else 1)}
-    if teacher:
-        solver.update(solver=sampler.get("solver") or cfg.sample.solver, order=sampler.get("order") or cfg.sample.order)
+    solver = sampler_settings(cfg, kind, **sampler)
     out = {
         "metric": f"{METRIC_NAME}: Fréchet distance in the 64-d features of a CNN trained on the digits "
                   "(not Inception FID; compare only within this project, at equal sample counts)",

@@ -47,12 +47,14 @@ def consistency_levels(steps: int | None = 1, t_mid: float | None = None,
 def consistency_sample(f, x_T_noise: torch.Tensor, sigma_max: float = SIGMA_MAX, steps: int | None = 1,
                        t_mid: float | None = None, sigma_min: float = SIGMA_MIN,
                        generator: torch.Generator | None = None,
-                       levels: Sequence[float] | None = None) -> list:
+                       levels: Sequence[float] | None = None,
+                       renoise: Sequence[torch.Tensor] | None = None) -> list:
     """Multistep consistency sampling with ``f(x, sigma[B])``; one f call per step.
 
     ``steps`` 1 or 2 (re-noise to ``t_mid``); for N steps pass ``levels`` (then ``steps`` may be None).
     ``x_T_noise`` is unit Gaussian noise ε (the first state is σ_max·ε); re-noising draws ε' from
-    ``generator``. Returns [σ_max·ε, x_{τ_1}, …, x_{τ_{N−1}}, sample] (N + 1 states for N steps).
+    ``generator``, or takes the i-th of ``renoise`` (unit noise shaped like x, one per re-noise level: each
+    image's own, for results that do not depend on the batch). Returns [σ_max·ε, x_{τ_1}, …, sample].
     """
     levels = consistency_levels(steps, t_mid, levels)
     prev = sigma_max
@@ -70,7 +72,8 @@ def consistency_sample(f, x_T_noise: torch.Tensor, sigma_max: float = SIGMA_MAX,
             states.append(denoised.to(x_T_noise.dtype))
             break
         tau = levels[i]
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if renoise is None \
+            else renoise[i].to(x.device, x.dtype)
         x = (denoised + (tau ** 2 - sigma_min ** 2) ** 0.5 * eps).to(x_T_noise.dtype)
         states.append(x)
     return states

@@ -1,10 +1,12 @@
-"""What a run reports while it trains: one log.jsonl row per interval, and a progress bar.
+"""What a run reports while it trains: one log.jsonl row per interval, the same values as TensorBoard
+scalars (RUN/tensorboard, ``tensorboard --logdir runs/``), and a progress bar.
 
 Losses and gradient norms stay on the device until a row is written, so the host does not wait for the
 device every step. The open interval (the losses since the last row), the kernels counted and the stage's
 counters travel in each checkpoint, so the first row after a resume is the row an uninterrupted run writes.
 On every start the log is cut back to the step the run starts from (nothing, for a fresh run), dropping a
-line a kill left half written.
+line a kill left half written; TensorBoard's events from that step on are purged the same way. Scores
+(train.eval_every_kimg) are rows of their own: ``{"kimg", "step", "eval": {...}}``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from collections import Counter
 import torch
 
 from engine.config import TrainConfig
+from engine.eval.protocol import METRICS
 from engine.files import write_text_atomically
 from engine.trainer.checkpoint import Progress
 from engine.trainer.distributed import World, mean_over_ranks
@@ -28,7 +31,7 @@ class TrainingLog:
         self.micro = train.batch_size // (world.students * train.grad_accum)
         self.rate = "pairs/s" if makes_pairs else "img/s"
         self.kernels = Counter()   # implementations every step so far ran ({"op:impl": calls}), in every process
-        self.bar = None
+        self.bar = self.board = None
         self._reset()
 
     def _reset(self) -> None:
@@ -54,6 +57,10 @@ class TrainingLog:
         enabled = self.world.is_main and self.train.progress
         self.bar = _progress_bar(enabled, int(self.train.total_kimg * 1000), progress.nimg,
                                  f"{self.stage_name}{' (resumed)' if progress.step else ''}")
+        if self.world.is_main and self.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # global step = images seen (progress is counted in images); a resume hides what came after it
+            self.board = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=progress.nimg + 1)
 
     def state_dict(self) -> dict:
         """The open interval, for a checkpoint (one host sync)."""
@@ -87,16 +94,46 @@ class TrainingLog:
             row["grad_norm"] = sum(float(n) for n in self.grad_norms) / len(self.grad_norms)
         row.update(counters)                                   # counted work (teacher NFEs, pairs, ...)
         row["kernels"] = dict(sorted(self.kernels.items()))   # which implementation each op used
-        if self.world.is_main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        self._append(row, progress)
         self.bar.set_postfix(**{"loss": f"{mean_loss:.4f}", "lr": f"{lr:.2e}",
                                 self.rate: f"{1000 * kimg_done / max(elapsed, 1e-9):.0f}"})
         self._reset()
 
+    def write_eval(self, progress: Progress, results: dict) -> None:
+        """A row with the scores of the EMA network at ``progress`` (rank 0 holds them)."""
+        if self.world.is_main:
+            self._append({"kimg": progress.kimg, "step": progress.step, "eval": results}, progress)
+
+    def _append(self, row: dict, progress: Progress) -> None:
+        if not self.world.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for tag, value in _scalars(row, self.rate):
+                self.board.add_scalar(tag, value, progress.nimg)
+            self.board.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _scalars(row: dict, rate: str):
+    """(tag, value) of a log row's numbers, as TensorBoard shows them: train/*, work/* (counted), eval/*."""
+    if "eval" in row:
+        yield from ((f"eval/{k}", v) for k, v in row["eval"].items() if k in METRICS)
+        return
+    for key in ("loss", "lr", "grad_norm", "sec_per_kimg", "teacher_sec", "student_sec"):
+        if key in row:
+            yield f"train/{key}", row[key]
+    yield f"train/{rate.replace('/', '_per_')}", 1000 / max(row["sec_per_kimg"], 1e-9)
+    for key, value in row.items():
+        if key not in ("kimg", "step", "loss", "lr", "grad_norm", "sec_per_kimg", "teacher_sec", "student_sec",
+                       "kernels") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f"work/{key}", value
 
 
 class _NullBar:

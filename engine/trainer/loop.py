@@ -28,6 +28,7 @@ from engine.trainer.distributed import launch, zero_stage
 from engine.trainer.health import Health
 from engine.trainer.log import TrainingLog
 from engine.trainer.producers import SerialProducer, ThreadedProducer, preparer
+from engine.trainer.scoring import Scorer
 from engine.trainer.signals import StopRequests
 from engine.trainer.student import Student
 from engine.trainer.teacher_ranks import receive_pairs, serve_teacher_rank
@@ -40,7 +41,7 @@ class Trainer:
         for op, impl in dataclasses.asdict(cfg.kernels).items():
             dispatch.set_policy(op, impl)
         # data.loader=torch: decoded into memory here; dali: decoded per batch, each rank only its share.
-        self.dataset = build_training_data(cfg.data)
+        self.dataset = build_training_data(cfg.data, cfg.network.num_classes)
         torch.manual_seed(cfg.train.seed)   # the initial weights are fixed by the seed
         self.stage = build_stage(stage_name, cfg)
         if self.stage.uses_jvp and zero_stage(cfg) == 3:
@@ -55,6 +56,8 @@ class Trainer:
         if self.world.role == "student":
             self.student = Student(self.stage.model, cfg, self.world)
             self.checkpoints = Checkpoints(self.run_dir, self.world, cfg.train.keep_checkpoints)
+            # Missing detector weights or references fail now, not after the first hours of training.
+            self.scorer = Scorer(cfg, stage_name, self.world) if cfg.train.eval_every_kimg > 0 else None
 
     def fit(self) -> Path:
         """Train until train.total_kimg, logging, snapshotting and checkpointing on the way; returns export/."""
@@ -75,6 +78,7 @@ class Trainer:
             next_log = _next_multiple(progress.nimg, t.log_every_kimg)
             next_snapshot = _next_multiple(progress.nimg, t.snapshot_every_kimg)
             next_checkpoint = _next_multiple(progress.nimg, t.checkpoint_every_kimg)
+            next_eval = _next_multiple(progress.nimg, t.eval_every_kimg)
 
             with StopRequests(world) as stop, self._producer(progress.step) as produced:
                 while progress.nimg < total:
@@ -102,6 +106,10 @@ class Trainer:
                             student.export(self.run_dir / "snapshots" / f"kimg-{progress.kimg:08.1f}",
                                            self._meta(progress, None))
                         next_snapshot = _next_multiple(progress.nimg, t.snapshot_every_kimg)
+                    if progress.nimg >= next_eval or (done and self.scorer is not None):
+                        health.check()
+                        log.write_eval(progress, self.scorer(student.ema_network(world.device)))
+                        next_eval = _next_multiple(progress.nimg, t.eval_every_kimg)
                     if progress.nimg >= next_checkpoint or done or stopping:
                         health.check()
                         last_tag = self._checkpoint(progress, log)

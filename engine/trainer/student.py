@@ -116,6 +116,11 @@ class Student:
         with gathered:
             self.ema.update(self.model, step)
 
+    def ema_network(self, device) -> torch.nn.Module:
+        """A copy of the EMA weights' raw network on ``device``, in eval mode, for scoring."""
+        self.ema.copy_to(self._export_copy)
+        return copy.deepcopy(self._export_copy.net).to(device).eval()
+
     def export(self, out_dir: Path, meta: dict) -> Path:
         """The EMA weights of the raw network, with the run's config and ``meta``, to ``out_dir``."""
         self.ema.copy_to(self._export_copy)

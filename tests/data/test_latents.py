@@ -1,5 +1,7 @@
 """SD-VAE latent pipeline on a tiny randomly initialised AutoencoderKL saved to a temp folder (no download)."""
+import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -9,8 +11,9 @@ from PIL import Image
 from engine.config import load_config
 from engine.cli.latents import main
 from engine.data.dataset import build_dataset
-from engine.data.latents import EDM2_RAW_MEAN, EDM2_RAW_STD, LatentNorm, decode_file, encode_dataset, load_vae
-from engine.errors import UserError
+from engine.data.latents import (EDM2_RAW_MEAN, EDM2_RAW_STD, LatentNorm, decode_file, encode_dataset,
+                                 encode_edm2_zip, load_vae)
+from engine.errors import ConfigError, UserError
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,36 @@ def test_missing_or_incomplete_vae_folder_says_what_to_put_there(tmp_path, capsy
     assert main(decode) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: VAE folder") and err.count("\n") == 1 and "does not exist" in err
+
+
+def test_edm2_latent_zip_written_and_read_back_exactly(vae_dir, images, tmp_path):
+    """EDM2's latent zip: one float32 [8, h, w] entry (raw posterior mean, then std) per image, dataset.json labels;
+    data.source=zip reads it as the EDM2-normalised mean, the same latents the npy route gives."""
+    out = encode_edm2_zip(vae_dir, images, tmp_path / "img-sd.zip", batch=3, progress=False)
+    names = [f"00000/img{i:08d}.npy" for i in range(7)]
+    with zipfile.ZipFile(out) as archive:
+        assert archive.namelist() == names + ["dataset.json"]
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+        labels = json.loads(archive.read("dataset.json"))["labels"]
+        raw = np.stack([np.load(io.BytesIO(archive.read(n))) for n in names])
+    assert labels == [[n, int(i >= 4)] for i, n in enumerate(names)]
+    assert raw.shape == (7, 8, 2, 2) and raw.dtype == np.float32 and (raw[:, 4:] > 0).all()
+    vae = load_vae(vae_dir)
+    pixels = torch.from_numpy(np.asarray(Image.open(images / "n002" / "6.png"), dtype=np.float32)).permute(2, 0, 1)
+    with torch.no_grad():
+        posterior = vae.encode(pixels[None] / 127.5 - 1).latent_dist
+    torch.testing.assert_close(torch.from_numpy(raw[6:]), torch.cat([posterior.mean, posterior.std], 1),
+                               atol=1e-5, rtol=1e-4)
+    data = build_dataset("zip", str(out), resolution=2, channels=4, num_classes=2)
+    shift, scale = torch.tensor(EDM2_RAW_MEAN).view(1, 4, 1, 1), torch.tensor([0.5 / s for s in EDM2_RAW_STD])
+    assert torch.equal(data.images, (torch.from_numpy(raw[:, :4]) - shift) * scale.view(1, 4, 1, 1))
+    assert data.labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    merged = np.load(encode_dataset(vae_dir, images, tmp_path / "lat", batch=3, norm="edm2") / "latents.npy")
+    torch.testing.assert_close(data.images, torch.from_numpy(merged), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="--norm edm2"):
+        encode_edm2_zip(vae_dir, images, tmp_path / "x.zip", norm="sd")
+    with pytest.raises(ConfigError, match="must end in .zip"):
+        encode_edm2_zip(vae_dir, images, tmp_path / "x")
 
 
 def test_paper_configs_name_their_latent_norm(root):
