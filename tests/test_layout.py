@@ -26,6 +26,7 @@ LAYERS = {
     "engine.cli": 6,
     "engine.train": 7,      # the documented launcher, a shim over engine.cli.train
     "engine.import_weights": 7,   # `python -m engine.import_weights`, a shim over engine.cli.import_weights
+    "engine.evaluate": 7,         # `python -m engine.evaluate`, a shim over engine.cli.evaluate
 }
 
 

@@ -192,6 +192,11 @@ def _weights_that_do_not_fit(w):
                                           "--set", *TINY[:4]), "network keys missing from the file"
 
 
+def _fid_without_weights(w):
+    return "evaluate", ["--run-dir", str(w.teacher()), "--metrics", "fid", "--ref", str(w.path / "r.npz"),
+                        "--num-images", "4"], "fid needs its detector's weights: set eval.inception"
+
+
 def _sample_zero(flag):
     def make(w):
         return "sample", ["--run-dir", str(w.teacher()), "--out", str(w.path / "x.png"), flag, "0"], flag
@@ -234,6 +239,12 @@ CASES = [
     Case("cmt-import-weights: a truncated .pkl", _truncated_snapshot),
     Case("cmt-import-weights: a state dict without --config", _state_dict_without_config),
     Case("cmt-import-weights: weights that do not fit --config", _weights_that_do_not_fit),
+    Case("cmt-evaluate --metrics fid without Inception weights", _fid_without_weights),
+    Case("cmt-evaluate --seeds that are not a range", lambda w: (
+        "evaluate", ["--run-dir", str(w.teacher()), "--metrics", "fd_digits_cnn", "--seeds", "9-x"], "--seeds '9-x'")),
+    Case("train.eval_every_kimg with fid and no eval.ref", lambda w: (
+        "train", w.train_args(w.path / "run", "train.eval_every_kimg=1", "eval.metrics=[fid]",
+                              "eval.inception=/nonexistent.pth"), "needs reference statistics: set eval.ref")),
 ]
 
 
