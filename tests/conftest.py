@@ -227,6 +227,22 @@ def run_mid():
     return run
 
 
+# MeanFlow post-training (torch.func.jvp through the student) at the size of TINY_MID, from random weights.
+TINY_MEANFLOW = ["post.init=random", "data.resolution=8", "network.unet.channels=[8,16]", "network.unet.num_blocks=1",
+                 "network.unet.attn_resolutions=[]", "network.dropout=0.2", "optim.lr=2e-3", "optim.grad_clip=0.05",
+                 "train.batch_size=32", "train.total_kimg=0.192", "train.checkpoint_every_kimg=1",
+                 "train.log_every_kimg=0.032", "train.progress=false"]
+
+
+@pytest.fixture(scope="session")
+def run_meanflow():
+    """run_meanflow(run_dir, *overrides, nproc=1) -> (log rows, exported weights), in fresh processes."""
+    def run(run_dir, *overrides, nproc=1):
+        _torchrun(run_dir, *TINY_MEANFLOW, *overrides, nproc=nproc, stage="post", config="digits_meanflow.yaml")
+        return read_run(run_dir)
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_mid_overrides():
     return list(TINY_MID)

@@ -45,6 +45,7 @@ class PairCost:
     student_grad: float      # student forwards with autograd (a MeanFlow jvp counts as two)
     student_nograd: float    # student forwards without autograd (targets, guidance)
     distance: str            # engine.losses.distances.build_distance kind
+    jvp: float = 0.0         # of the forwards with autograd, torch.func.jvp calls (each counted as two above)
 
 
 class Stage(ABC):
@@ -53,8 +54,8 @@ class Stage(ABC):
     name: ClassVar[str]
     # Type of what ``prepare`` returns: a dataclass of tensors and numbers, which teacher ranks send.
     prepared_type: ClassVar[type]
-    # The setting that makes the loss differentiate the model with torch.func.jvp (which cannot trace
-    # ZeRO-3's parameter gathering), e.g. "post.method=meanflow"; None when it does not.
+    # The setting that makes the loss differentiate the model with torch.func.jvp, e.g. "post.method=meanflow";
+    # None when it does not. Under ZeRO-3 the trainer runs such a loss on gathered parameters (Student.forward).
     uses_jvp: Optional[str] = None
 
     model: nn.Module

@@ -20,9 +20,10 @@ Decisions worth knowing:
   would add ‖t·ε‖/(t − r) ≈ q/5·‖ε‖ (t ≈ σ_min, t − r ≈ 5t/q) to the loss. For ECD the teacher steps to
   max(r, σ_min) (solvers cannot mix σ = 0 with σ > 0 in one grid row, and the target there is again the
   state itself). The weight always uses the sampled r, so t − r > 0.
-- **MeanFlow jvp through DeepSpeed.** ``torch.func.jvp`` is applied to the engine passed in (ZeRO 0/1/2:
-  the engine's forward is the module's forward plus host-side bookkeeping, which functorch traces
-  through; the stage's tests check u and du/dt against the plain module and a DeepSpeed step). The
+- **MeanFlow jvp through DeepSpeed.** ``torch.func.jvp`` is applied to the model passed in: the engine
+  under ZeRO 0/1/2 (its forward is the module's forward plus host-side bookkeeping, which functorch traces
+  through; the stage's tests check u and du/dt against the plain module and a DeepSpeed step), and under
+  ZeRO-3 a functional call on gathered parameters (engine/trainer/student.py, tests/trainer/test_zero.py). The
   loss backpropagates through the jvp's primal output u; du/dt only enters the stop-gradient target.
   Dropout inside the jvp is one forward, so u and du/dt share its mask.
 - **Initialisation** (post.init=mid/teacher) is engine.models.weights' load_exported + transfer_weights, shared with
@@ -136,7 +137,7 @@ class PostTraining(Stage):
         p = cfg.post
         if p.method == "meanflow":
             return PairCost(teacher_nfe=0.0, student_grad=2.0, student_nograd=1.0 if p.cfg_scale != 1.0 else 0.0,
-                            distance="mean_squared")
+                            distance="mean_squared", jvp=1.0)
         nfe = 0.0 if p.method == "ect" else (1.0 if p.ecd_solver == "euler" else 2.0)
         return PairCost(teacher_nfe=nfe, student_grad=1.0, student_nograd=1.0, distance=post_distance(cfg))
 

@@ -20,11 +20,11 @@ import torch
 
 from engine.config import Config
 from engine.data.dataset import build_training_data
-from engine.errors import ConfigError, Stopped
+from engine.errors import Stopped
 from engine.stages import build_stage
 from engine.trainer.batches import BatchPlan
 from engine.trainer.checkpoint import Checkpoints, Progress
-from engine.trainer.distributed import launch, zero_stage
+from engine.trainer.distributed import launch
 from engine.trainer.health import Health
 from engine.trainer.log import TrainingLog
 from engine.trainer.producers import SerialProducer, ThreadedProducer, preparer
@@ -44,17 +44,13 @@ class Trainer:
         self.dataset = build_training_data(cfg.data, cfg.network.num_classes)
         torch.manual_seed(cfg.train.seed)   # the initial weights are fixed by the seed
         self.stage = build_stage(stage_name, cfg)
-        if self.stage.uses_jvp and zero_stage(cfg) == 3:
-            raise ConfigError(f"{self.stage.uses_jvp} differentiates the network with torch.func.jvp, which cannot "
-                              "trace through ZeRO-3's parameter gathering: use ZeRO 0, 1 or 2 (train.zero_stage, or "
-                              "another train.deepspeed_config); ZeRO-2 already shards gradients and optimizer state")
         self.world = launch(self.stage.pipeline)
         self.batches = BatchPlan(self.dataset, cfg, self.world.students, self.world.device)
         self.stage.check_batch(self.batches.micro)
         self.stage.to(self.world.device)
         # A dedicated teacher rank only rolls the teacher out: no DeepSpeed, optimizer, EMA, checkpoints or logs.
         if self.world.role == "student":
-            self.student = Student(self.stage.model, cfg, self.world)
+            self.student = Student(self.stage.model, cfg, self.world, uses_jvp=bool(self.stage.uses_jvp))
             self.checkpoints = Checkpoints(self.run_dir, self.world, cfg.train.keep_checkpoints)
             # Missing detector weights or references fail now, not after the first hours of training.
             self.scorer = Scorer(cfg, stage_name, self.world) if cfg.train.eval_every_kimg > 0 else None
@@ -130,10 +126,12 @@ class Trainer:
         student, grad_norm = self.student, None
         torch.manual_seed(item.job.seed ^ 1)   # dropout, and any other global-RNG draw of the student
         with dispatch.counting() as kernels:
-            loss = self.stage.loss(student.engine, item.prepared)
-            health.prepared(item.prepared, step)
-            health.loss(loss, step)
-            if boundary := student.backward(loss):
+            with student.forward() as model:
+                loss = self.stage.loss(model, item.prepared)
+                health.prepared(item.prepared, step)
+                health.loss(loss, step)
+                boundary = student.backward(loss)
+            if boundary:
                 grad_norm = student.grad_norm_before_step()      # ZeRO-0; None under ZeRO 1-3
                 health.gradients(grad_norm, step)
                 if self.cfg.train.nan_check == "before_step":

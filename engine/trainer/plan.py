@@ -8,6 +8,8 @@ Every network is built on the meta device (no weights are allocated), so even ED
   precision: 16-bit weights 2, 16-bit grads 2, fp32 grads 4, fp32 master weights 4, Adam/RAdam m and v 8;
   ZeRO-1 partitions the last three, ZeRO-2 also the 16-bit grads, ZeRO-3 also the 16-bit weights (plus one
   gathered layer, 4·largest-layer) and, as DeepSpeed counts it, drops the separate 16-bit gradient copy.
+  A jvp loss (MeanFlow) under ZeRO-3 gathers the whole 16-bit model for each micro-step instead of one
+  layer at a time (engine/trainer/student.py): its weights are the partition plus the whole model.
   The ZeRO-2/3 totals are DeepSpeed's own estimators
   (``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``, no offload); ZeRO-0/1
   follow the same accounting. fp32: weights 4, grads 4, Adam 8, partitioned the same way.
@@ -16,10 +18,13 @@ Every network is built on the meta device (no weights are allocated), so even ED
 - **Activations**: bytes of the tensors autograd saves for backward in one training forward of the student
   (and of the perceptual net on its output), counted with ``torch.autograd.graph.saved_tensors_hooks`` on the
   meta device in the run's precision at batch 1 and 2: the difference is the per-sample cost, the rest is
-  batch-independent (e.g. EDM2's normalised weight copies). Transient buffers, the allocator and the CUDA
+  batch-independent (e.g. EDM2's normalised weight copies). A stage whose loss differentiates the network
+  with ``torch.func.jvp`` is measured through one jvp instead: autograd also records the tangent's graph
+  (the tangent depends on the weights), alive until the loss is formed. Transient buffers, the allocator and the CUDA
   context are not in it: ``--headroom`` (default 15%) of each GPU is kept free for them.
 - **FLOPs** per training pair: ``torch.utils.flop_counter.FlopCounterMode`` on one meta forward (2 FLOPs per
-  multiply-add); backward counted as 2 forwards (exact for conv/matmul). Network evaluations per pair are the
+  multiply-add); backward counted as 2 forwards (exact for conv/matmul); a jvp as counted on meta (primal and
+  tangent), plus the backward of its primal. Network evaluations per pair are the
   stage's own ``cost_per_pair`` (docs/method.md §8), the formula its counters are tested against.
 """
 from __future__ import annotations
@@ -63,9 +68,14 @@ def count_params(net: nn.Module) -> tuple[int, int]:
     return total, largest
 
 
-def model_states(params: int, largest: int, zero: int, gpus: int, precision: str) -> ModelStates:
-    """Bytes per GPU for `params` trained with Adam under ZeRO stage `zero` on `gpus` GPUs (module docstring)."""
+def model_states(params: int, largest: int, zero: int, gpus: int, precision: str, jvp: bool = False) -> ModelStates:
+    """Bytes per GPU for `params` trained with Adam under ZeRO stage `zero` on `gpus` GPUs (module docstring);
+    ``jvp``: ZeRO-3 holds the whole 16-bit model during the micro-step rather than one layer."""
     p, n = float(params), gpus
+    if zero == 3 and jvp:
+        plain = model_states(params, largest, zero, gpus, precision)
+        wbytes = 2 if precision == "bf16" else 4
+        return ModelStates(plain.weights - 4 * largest + wbytes * p, plain.grads, plain.optimizer)
     if precision == "bf16":
         w16, g16, g32, master, adam = 2 * p, 2 * p, 4 * p, 4 * p, 8 * p
         if zero == 0:
@@ -122,9 +132,11 @@ def _saved_bytes(fn) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
-def measure_training_forward(cfg: Config, net: nn.Module, perceptual: nn.Module | None, dtype) -> dict:
+def measure_training_forward(cfg: Config, net: nn.Module, perceptual: nn.Module | None, dtype,
+                             jvp: bool = False) -> dict:
     """Per-sample and batch-independent saved-activation bytes of one training forward (student, then the
-    perceptual net on its output), and the student's forward FLOPs per sample (counted during batch 1)."""
+    perceptual net on its output), or of one ``torch.func.jvp`` of the student along all its inputs, and the
+    FLOPs of that forward (or jvp) per sample (counted during batch 1)."""
     net = net.to(dtype).train()
     if perceptual is not None:
         perceptual = perceptual.to(dtype).eval().requires_grad_(False)
@@ -134,13 +146,16 @@ def measure_training_forward(cfg: Config, net: nn.Module, perceptual: nn.Module 
     def run(batch):
         args, kwargs = _inputs(cfg, net, batch, dtype)
         with flops if batch == 1 else contextlib.nullcontext():
-            out = net(*args, **kwargs)
+            if jvp:
+                out, _ = torch.func.jvp(lambda *a: net(*a, **kwargs), args, tuple(torch.ones_like(a) for a in args))
+            else:
+                out = net(*args, **kwargs)
         if perceptual is not None:
             perceptual.taps(out)
 
     one = _saved_bytes(lambda: run(1))
     two = _saved_bytes(lambda: run(2))
-    return {"per_sample": two - one, "fixed": 2 * one - two, "student_fwd_flops": flops.get_total_flops()}
+    return {"per_sample": two - one, "fixed": 2 * one - two, "flops": flops.get_total_flops()}
 
 
 def forward_flops(cfg: Config, net: nn.Module) -> int:
@@ -234,14 +249,22 @@ def plan(cfg: Config, stage: str = "mid", gpus: int = 8, gpu_mem_gb: float = 80.
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             feat.float().taps(x)
         f_fwd = counter.get_total_flops()
-    act = measure_training_forward(cfg, student, feat, dtype)
-    s_fwd = act["student_fwd_flops"]
-    flops = {"teacher": costs["teacher_nfe"] * t_fwd,
-             "student": 3 * costs["student_grad"] * s_fwd + costs["student_nograd"] * s_fwd,
+    jvp = costs["jvp"] > 0
+    act = measure_training_forward(cfg, student, feat, dtype, jvp=jvp)
+    if jvp:   # the jvp's primal forward and tangent, and the backward of its primal (2 forwards)
+        s_fwd = forward_flops(cfg, student)
+        act["student_fwd_flops"], act["student_jvp_flops"] = s_fwd, act.pop("flops")
+        grad_forwards = costs["student_grad"] - 2 * costs["jvp"]
+        student_flops = (costs["jvp"] * (act["student_jvp_flops"] + 2 * s_fwd) + 3 * grad_forwards * s_fwd
+                         + costs["student_nograd"] * s_fwd)
+    else:
+        s_fwd = act["student_fwd_flops"] = act.pop("flops")
+        student_flops = 3 * costs["student_grad"] * s_fwd + costs["student_nograd"] * s_fwd
+    flops = {"teacher": costs["teacher_nfe"] * t_fwd, "student": student_flops,
              "perceptual": 4 * f_fwd}   # forward + backward (to the input) on the output, forward on the target
 
     def per_gpu(zero: int, n: int, micro: int) -> dict:
-        states = model_states(params, largest, zero, n, precision)
+        states = model_states(params, largest, zero, n, precision, jvp)
         fixed = 4 * params + wbytes * (t_params + g_params + f_params) + act["fixed"]
         return {"states": states, "fixed": fixed, "activations": act["per_sample"] * micro,
                 "total": states.total + fixed + act["per_sample"] * micro}
@@ -274,11 +297,14 @@ def format_plan(r: dict, name: str) -> str:
              f"teacher {p['teacher'] / 1e6:.1f}M ({r['teacher_arch'] or 'none'}), {guide}perceptual net "
              f"{p['perceptual'] / 1e6:.1f}M ({r['costs']['distance']})",
              f"activations saved for backward: {r['act']['per_sample'] / GIB:.2f} GiB per sample "
-             f"+ {r['act']['fixed'] / GIB:.2f} GiB batch-independent (meta-device count, {r['precision']})",
+             f"+ {r['act']['fixed'] / GIB:.2f} GiB batch-independent (meta-device count, {r['precision']}"
+             + (", one torch.func.jvp: primal and tangent graphs)" if r["costs"]["jvp"] else ")"),
              "per-GPU memory, GiB (micro-batch as above; fixed = fp32 EMA + frozen teacher/perceptual + "
              "batch-independent saved tensors):",
              "  ZeRO | weights |   grads | optim   | fixed   | activ.  | total   | DS w+g+o est. | max micro",
              ]
+    if r["costs"]["jvp"]:
+        lines.insert(-1, "  (jvp loss: ZeRO-3 gathers the whole 16-bit model for each micro-step, in its weights column)")
     for z, row in r["table"].items():
         s = row["states"]
         ds = f"{r['deepspeed'][z] / GIB:7.2f}" if z in r["deepspeed"] else "      -"
@@ -286,8 +312,11 @@ def format_plan(r: dict, name: str) -> str:
         lines.append(f"  {z:>4} | {g(s.weights)} | {g(s.grads)} | {g(s.optimizer)} | {g(row['fixed'])} | "
                      f"{g(row['activations'])} | {g(row['total'])} | {ds:>13} | {r['max_micro'][z]:>9}{mark}")
     f, c = r["flops"], r["costs"]
+    grad = (f"jvp+bwd x{c['jvp']:g}" + (f", fwd+bwd x{c['student_grad'] - 2 * c['jvp']:g}"
+                                       if c["student_grad"] > 2 * c["jvp"] else "")
+            if c["jvp"] else f"fwd+bwd x{c['student_grad']:g}")
     lines += [f"FLOPs per pair: teacher {f['teacher'] / 1e9:.1f} G ({c['teacher_nfe']:g} NFE), student "
-              f"{f['student'] / 1e9:.1f} G (fwd+bwd x{c['student_grad']:g}, no-grad fwd x{c['student_nograd']:g}), "
+              f"{f['student'] / 1e9:.1f} G ({grad}, no-grad fwd x{c['student_nograd']:g}), "
               f"perceptual {f['perceptual'] / 1e9:.1f} G",
               f"run: {r['total_pairs'] / 1e6:.1f} M pairs, {r['total_flops'] / 1e18:.1f} EFLOP, ~{r['gpu_hours']:.0f} "
               f"GPU-h at {r['gpu_tflops']:g} TFLOP/s x {r['mfu']:.0%} utilisation",

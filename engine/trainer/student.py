@@ -3,6 +3,13 @@
 ZeRO-3 shards the parameters: the EMA update gathers them (deepspeed.zero.GatheredParameters), and the EMA
 is exported through a copy of the network taken before DeepSpeed partitioned it. Checkpoints are read
 without running code from them (:func:`safe_load`).
+
+A loss that differentiates the network with ``torch.func.jvp`` (MeanFlow) cannot run through ZeRO-3's
+module hooks: they gather and release parameters inside autograd Functions that have no forward-mode rule.
+Such a stage runs the student as a functional call (:meth:`Student.forward`): every parameter is gathered
+whole for the micro-step, a hook-free twin of the network is called on the gathered tensors, and the
+backward runs inside the gather, so ZeRO-3's gradient hooks reduce-scatter full-size gradients as usual.
+The cost is the whole 16-bit model on every rank for the micro-step (engine.trainer.plan counts it).
 """
 from __future__ import annotations
 
@@ -44,7 +51,7 @@ def use_safe_loading(engine) -> None:
 
 
 class Student:
-    def __init__(self, model: torch.nn.Module, cfg: Config, world: World):
+    def __init__(self, model: torch.nn.Module, cfg: Config, world: World, uses_jvp: bool = False):
         import deepspeed
 
         self.cfg = cfg
@@ -52,6 +59,7 @@ class Student:
         # Taken while the weights are whole on every rank: ZeRO-3 partitions `model` in place below.
         self.ema = EMA(self.model, cfg.train.ema_beta, cfg.train.ema_warmup)
         self._export_copy = copy.deepcopy(self.model).cpu()
+        self._twin = _hook_free_twin(self.model) if uses_jvp else None
         optimizer = build_optimizer(cfg.optim, [p for p in self.model.parameters() if p.requires_grad])
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(cfg, step * cfg.train.batch_size))
@@ -63,6 +71,22 @@ class Student:
         # Weights a network renormalises itself (EDM2's forced weight normalisation), see _renormalize_masters.
         self._forced_norm = [(m.weight, m.normalize_weight) for m in self.model.modules()
                              if hasattr(m, "normalize_weight")]
+
+    @contextlib.contextmanager
+    def forward(self):
+        """The student as the stage's loss calls it, for one micro-step: the DeepSpeed engine, or under
+        ZeRO-3 with a jvp loss, the functional call on whole parameters (the module doc). Backpropagate
+        inside the ``with``."""
+        if self._twin is None or self.zero_stage != 3:
+            yield self.engine
+            return
+        import deepspeed
+
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None), _plain_linear():
+            tensors = {**params, **dict(module.named_buffers())}
+            yield lambda *args, **kwargs: torch.func.functional_call(self._twin, tensors, args, kwargs)
 
     @property
     def lr(self) -> float:
@@ -125,3 +149,26 @@ class Student:
         """The EMA weights of the raw network, with the run's config and ``meta``, to ``out_dir``."""
         self.ema.copy_to(self._export_copy)
         return export_network(self._export_copy.net, self.cfg, out_dir, meta=meta)
+
+
+def _hook_free_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` without storage of its own (functional calls supply every parameter and buffer)
+    and without the hooks DeepSpeed adds to ``model``: ZeRO-3's functional forward runs through it."""
+    twin = copy.deepcopy(model)
+    for tensor in [*twin.parameters(), *twin.buffers()]:
+        tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return twin
+
+
+@contextlib.contextmanager
+def _plain_linear():
+    """torch's own F.linear for the functional forward: ZeRO-3's memory-efficient replacement is an autograd
+    Function without a forward-mode rule, which torch.func.jvp refuses."""
+    import torch.nn.functional as F
+
+    patched, original = F.linear, getattr(torch._C._nn, "linear")
+    F.linear = original
+    try:
+        yield
+    finally:
+        F.linear = patched

@@ -2,6 +2,7 @@
 import time
 
 import pytest
+import torch
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage3 import model_to_params as ds_model_to_params
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -10,7 +11,7 @@ from engine.cli.plan import main
 from engine.config import ConfigError, load_config
 from engine.models.factory import build_raw_network
 from engine.stages import stage_class
-from engine.trainer.plan import count_params, model_states, plan
+from engine.trainer.plan import count_params, measure_training_forward, model_states, plan
 
 TINY = ["data.resolution=8", "network.arch=edm2", "network.edm2.model_channels=64", "network.edm2.channel_mult=[1,2]",
         "network.edm2.num_blocks=1", "network.edm2.attn_resolutions=[4]", "train.precision=bf16", "train.batch_size=32"]
@@ -85,3 +86,39 @@ def test_a_guide_network_is_counted_in_memory_and_half_the_guided_nfes(tmp_path)
     assert guided["flops"]["teacher"] < unguided["flops"]["teacher"]                       # the guide is smaller
     with pytest.raises(FileNotFoundError, match="mid.guide="):
         plan(load_config(None, [*args, f"mid.guide={tmp_path / 'none'}"]), "mid", gpus=1)
+
+
+@pytest.mark.parametrize("overrides, billions", [
+    ([], 0.676),                                                                          # MF-XL/2 itself
+    (["network.dit.hidden_size=1536", "network.dit.depth=36", "network.dit.num_heads=24"], 1.53)])
+def test_meanflow_plans_under_zero3_count_the_jvp(root, overrides, billions):
+    """MeanFlow post-training of MF-XL/2 and of a 1.5B-parameter DiT under ZeRO-3: the jvp's tangent graph is
+    in the activations, and ZeRO-3 holds the whole 16-bit model for the micro-step (engine/trainer/student.py)."""
+    path = root / "configs/paper/imagenet256_mfxl2_post.yaml"
+    cfg = load_config(path, ["train.zero_stage=3", *overrides])
+    started = time.perf_counter()
+    r = plan(cfg, "post", gpus=8, gpu_mem_gb=80)
+    assert time.perf_counter() - started < 60
+    params = r["params"]["student"]
+    assert params == pytest.approx(billions * 1e9, rel=0.01)
+    assert r["costs"]["jvp"] == 1 and r["zero"] == 3
+    # the jvp saves more than one training forward: its primal graph plus the tangent's
+    with torch.device("meta"):
+        net = build_raw_network(cfg)
+    forward = measure_training_forward(cfg, net, None, torch.bfloat16)
+    assert 1.5 * forward["per_sample"] < r["act"]["per_sample"] < 4 * forward["per_sample"]
+    assert r["act"]["student_jvp_flops"] > 2 * r["act"]["student_fwd_flops"] == 2 * forward["flops"]
+    # ZeRO-3 weights: the partition (2P/8) and the gathered model (2P), not one gathered layer
+    assert r["table"][3]["states"].weights == pytest.approx(2 * params / 8 + 2 * params)
+    plain = model_states(params, r["params"]["largest_layer"], 3, 8, "bf16")
+    assert r["table"][3]["states"].total == pytest.approx(plain.total - 4 * r["params"]["largest_layer"] + 2 * params)
+    assert r["gpus_needed"] is not None and r["max_micro"][3] > 0
+    assert r["flops"]["student"] == r["act"]["student_jvp_flops"] + 2 * r["act"]["student_fwd_flops"] \
+        + r["costs"]["student_nograd"] * r["act"]["student_fwd_flops"]
+
+
+def test_plan_prints_the_jvp(root, capsys):
+    assert main(["--config", str(root / "configs/paper/imagenet256_mfxl2_post.yaml"), "--stage", "post",
+                 "--set", "train.zero_stage=3"]) == 0
+    out = capsys.readouterr().out
+    assert "one torch.func.jvp" in out and "jvp+bwd x1" in out and "ZeRO-3 gathers the whole 16-bit model" in out
