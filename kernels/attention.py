@@ -50,7 +50,6 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import dispatch
 
@@ -585,43 +584,65 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return jvp_attention(q, k, v)   # records "triton"
     dispatch.record("attention", "torch")
     if forward_ad:
-        with sdpa_kernel([SDPBackend.MATH]):
-            return F.scaled_dot_product_attention(q, k, v)
+        return math_sdpa(q, k, v)
     if _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v)
 
 
-# Per thread: how many patched forwards (kernels.patch_sdpa) are running, so only their SDPA calls are routed.
+# Per thread: the patched forwards (kernels.patch_sdpa) running, innermost last, each as whether it routes
+# plain (non-jvp) calls too; only calls inside one are routed.
 _patched = threading.local()
+
+
+def math_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA's math backend, which has a forward-mode rule, called directly: ``sdpa_kernel`` would switch
+    backends for every thread of the process. Boolean masks become additive (True = take part), as
+    ``F.scaled_dot_product_attention`` does before it picks a backend."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attn_mask, float("-inf"))
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
 
 
 def routed_sdpa(original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                 enable_gqa=False):
-    """An ``F.scaled_dot_product_attention`` call from inside a patched forward: to :func:`jvp_attention`
-    when it implements the arguments, to ``original`` with the arguments unchanged otherwise (masks,
-    dropout, causal, GQA, and, when the triton kernels would run, inputs they do not take). Calls from a
-    thread that is not inside a patched forward always go to ``original``."""
-    inside = getattr(_patched, "depth", 0) > 0
-    routed = inside and attn_mask is None and dropout_p == 0.0 and not is_causal and not enable_gqa
+    """An ``F.scaled_dot_product_attention`` call from inside a patched forward.
+
+    Under forward-mode AD (``torch.func.jvp``): to :func:`jvp_attention` when it implements the arguments,
+    else to :func:`math_sdpa` (masks, dropout, causal, GQA, and, when the triton kernels would run,
+    inputs they do not take), since the fused backends have no forward-mode rule. Plain forward and
+    backward calls keep ``original`` (flash / cuDNN), unless the patch routes plain calls too. Calls from
+    a thread outside a patched forward always go to ``original``. What ran inside a patched forward is
+    recorded (``attention``: ``triton`` or ``torch``)."""
+    stack = getattr(_patched, "stack", None)
+    args = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if not stack:
+        return original(query, key, value, **args)
+    forward_ad = forward_ad_active(query, key, value)
+    routed = (forward_ad or stack[-1]) and attn_mask is None and dropout_p == 0.0 and not is_causal \
+        and not enable_gqa
     if routed and attention_impl(query, key, value) == "triton":
         routed = unsupported_reason(query, key, value) is None
     if routed:
         return jvp_attention(query, key, value, scale)
-    if inside:
-        dispatch.record("attention", "torch")
-    return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                    scale=scale, enable_gqa=enable_gqa)
+    dispatch.record("attention", "torch")
+    if forward_ad:
+        return math_sdpa(query, key, value, **args)
+    return original(query, key, value, **args)
 
 
-def enter_patched_forward() -> None:
-    _patched.depth = getattr(_patched, "depth", 0) + 1
+def enter_patched_forward(route_plain_calls: bool) -> None:
+    if not hasattr(_patched, "stack"):
+        _patched.stack = []
+    _patched.stack.append(route_plain_calls)
 
 
 def exit_patched_forward() -> None:
-    _patched.depth -= 1
+    _patched.stack.pop()
 
 
 __all__ = ["JVPAttention", "JVPAttentionFunction", "attention_impl", "attention_jvp", "attention_reference",
-           "check_triton_inputs", "forward_ad_active", "jvp_attention", "routed_sdpa",
+           "check_triton_inputs", "forward_ad_active", "jvp_attention", "math_sdpa", "routed_sdpa",
            "scaled_dot_product_attention", "triton_unavailable", "unsupported_reason", "MAX_HEAD_DIM"]

@@ -6,7 +6,6 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from sklearn.datasets import load_digits
 
 from engine.data.dataset import ImageDataset, build_dataset

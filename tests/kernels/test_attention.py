@@ -5,6 +5,8 @@ computed in that dtype (forward, torch.func.jvp and backward) has some error aga
 kernel's must be within a small factor of it. Shapes have odd lengths, N_q ≠ N_kv and head dims 16–128.
 """
 import copy
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.functional import scaled_dot_product_attention as original_sdpa
 
 import kernels.attention as ja
 from engine.config import load_config
@@ -294,12 +297,15 @@ def test_patch_sdpa_fallbacks_nesting_and_exceptions():
     want = causal(x)
     original = F.scaled_dot_product_attention
     outer = nn.Sequential(causal, SDPAModel())
-    with patch_sdpa(outer), patch_sdpa(outer[1]), triton():     # nested patches on one call stack
+    with patch_sdpa(outer), patch_sdpa(outer[1], route_plain_calls=True), triton():   # nested patches
         torch.testing.assert_close(causal(x), want)            # only patched forwards are routed ...
         assert dispatch.implementations_run(reset=True) == {}
-        outer(x)                                               # ... is_causal falls back, the plain call runs
+        outer(x)                                               # ... is_causal falls back; the inner patch
         assert dispatch.implementations_run(reset=True) == {"attention:torch": 1, "attention:triton": 1}
-        assert F.scaled_dot_product_attention is original
+        assert F.scaled_dot_product_attention is original      # routes plain calls, the outer does not
+    with patch_sdpa(outer[1]), triton():
+        outer(x)
+        assert dispatch.implementations_run(reset=True) == {"attention:torch": 1}
 
     broken = SDPAModel()
     broken.proj = None                                         # the forward raises after the SDPA call
@@ -308,3 +314,100 @@ def test_patch_sdpa_fallbacks_nesting_and_exceptions():
     assert F.scaled_dot_product_attention is original
     with pytest.raises(TypeError, match="nn.Module"):
         patch_sdpa(lambda q: q)
+
+
+class MaskedSDPAModel(nn.Module):
+    """A text-encoder style block: a key-padding mask, optional causal / GQA / dropout / scale, any dtype."""
+
+    def __init__(self, channels=32, heads=4, kv_heads=4, **sdpa_kwargs):
+        super().__init__()
+        self.heads, self.kv_heads, self.sdpa_kwargs = heads, kv_heads, sdpa_kwargs
+        d = channels // heads
+        self.q, self.kv = nn.Linear(channels, channels), nn.Linear(channels, 2 * kv_heads * d)
+
+    def forward(self, x, mask=None):
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(x).reshape(b, n, 2, self.kv_heads, -1).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.sdpa_kwargs)
+        return o.transpose(1, 2).reshape(b, n, c)
+
+
+def _padding_mask(b, n, lengths):
+    keep = torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]      # [B, N] keys that take part
+    return keep[:, None, None, :]
+
+
+@pytest.mark.parametrize("case", ["padding_mask", "float_mask", "causal", "gqa", "dropout", "head_dim_160",
+                                  "float64"])
+def test_patch_sdpa_runs_what_it_does_not_route_through_math_under_jvp(case):
+    """Calls the kernel does not take fail under torch.func.jvp on the fused CPU/GPU backends; inside a
+    patched forward they run SDPA's math backend, exactly (float64) as the unfused formula."""
+    torch.manual_seed(0)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    kwargs = {"causal": dict(is_causal=True), "gqa": dict(kv_heads=2, enable_gqa=True),
+              "head_dim_160": dict(channels=320, heads=2, kv_heads=2), "dropout": dict(dropout_p=0.3)}.get(case, {})
+    model = MaskedSDPAModel(**kwargs).to(dtype)
+    c = 320 if case == "head_dim_160" else 32
+    x, tx = torch.randn(2, 11, c, dtype=dtype), torch.randn(2, 11, c, dtype=dtype)
+    mask = {"padding_mask": _padding_mask(2, 11, [11, 6]),
+            "float_mask": torch.randn(2, 1, 11, 11, dtype=dtype)}.get(case)
+    exact = copy.deepcopy(model).double()
+    with sdpa_kernel([SDPBackend.MATH]):                            # forced for the whole process
+        want = torch.func.jvp(lambda x: exact(x, _double(mask)), (x.double(),), (tx.double(),))
+        torch.manual_seed(1)
+        want_same_dtype = torch.func.jvp(lambda x: model(x, mask), (x,), (tx,))
+    with patch_sdpa(model), triton():
+        torch.manual_seed(1)                                        # the same dropout mask
+        got = torch.func.jvp(lambda x: model(x, mask), (x,), (tx,))
+    assert dispatch.implementations_run(reset=True) == {"attention:torch": 1}
+    torch.testing.assert_close(got, want_same_dtype, rtol=0, atol=0)
+    if case == "dropout":
+        assert not torch.allclose(got[0], want[0].float(), atol=1e-3)      # dropout took effect
+        return
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close([t.double() for t in got], want, rtol=tol, atol=tol)
+
+
+def test_unpatched_masked_sdpa_fails_under_jvp():
+    """What the patch fixes, on CPU: the fused backend SDPA picks for a padding-masked call has no forward-mode
+    rule. In a fresh process: after this error functorch's state is unusable (a later jvp crashes)."""
+    script = (
+        "import torch, torch.nn.functional as F\n"
+        "q = torch.randn(2, 4, 11, 8); m = (torch.arange(11) < 6)[None, None, None, :].expand(2, 1, 1, 11)\n"
+        "torch.func.jvp(lambda q: F.scaled_dot_product_attention(q, q, q, attn_mask=m), (q,), (q,))\n")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "Trying to use forward AD with _scaled_dot_product" in res.stderr
+
+
+def _double(mask):
+    return mask.double() if mask is not None and mask.is_floating_point() else mask
+
+
+def test_patch_sdpa_leaves_plain_forward_and_backward_to_the_original(monkeypatch):
+    """No jvp, default patch: the model's own SDPA (flash / cuDNN on GPU) runs, forward and backward, bit
+    for bit as unpatched; with route_plain_calls=True the kernel takes the same calls."""
+    calls = []
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return original_sdpa(*args, **kwargs)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    torch.manual_seed(0)
+    model, x = SDPAModel(), torch.randn(2, 19, 32, requires_grad=True)
+    want = model(x)
+    want_grad = torch.autograd.grad(want.square().sum(), [x, *model.parameters()])
+    calls.clear()
+    with patch_sdpa(model), triton():
+        got = model(x)
+        got_grad = torch.autograd.grad(got.square().sum(), [x, *model.parameters()])
+    assert len(calls) == 1 and dispatch.implementations_run(reset=True) == {"attention:torch": 1}
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0)
+    calls.clear()
+    with patch_sdpa(model, route_plain_calls=True), triton():
+        routed = model(x)
+        routed_grad = torch.autograd.grad(routed.square().sum(), [x, *model.parameters()])
+    assert calls == [] and dispatch.implementations_run(reset=True) == {"attention:triton": 1}
+    torch.testing.assert_close(routed, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(routed_grad, want_grad, rtol=1e-4, atol=1e-5)
