@@ -35,6 +35,8 @@ SHAPES = [  # (B, H, N_q, N_kv, d): tails in both block axes, N_q < N_kv and N_q
     (1, 2, 5, 70, 16),
     (1, 1, 33, 17, 64),
     (1, 1, 9, 21, 128),
+    (1, 2, 21, 35, 72),    # DiT-XL/2, SiT-XL/2, MF-XL/2: a 64 + 16 split of the head dim (8 padded columns)
+    (1, 1, 11, 13, 40),    # 32 + 16
 ]
 FACTOR = 4   # kernel error ≤ FACTOR × PyTorch's error in the same dtype (measured ratios are ≤ ~2.2)
 
@@ -112,9 +114,10 @@ def test_tangent_is_insensitive_to_a_common_row_offset_in_ds(dtype):
     assert _err(do_fused, truth_off) <= budget
 
 
-def test_grid_puts_batch_heads_on_axis_0():
-    """CUDA limits grid axes 1 and 2 to 65535, so B·H (which grows with the batch) must be on axis 0. The
-    grids the launchers build for B·H = 70,000 are recorded without running the kernels."""
+def test_grid_is_one_axis_with_the_blocks_of_a_head_together():
+    """One launch axis (2^31 − 1 programs; axes 1 and 2 stop at 65535) holding every (batch, head)'s blocks:
+    B·H = 70,000 launches, recorded without running the kernels. The kernels read the block as
+    pid % blocks and the (batch, head) as pid // blocks (correctness is every other test here)."""
     grids = []
 
     class Recorder:
@@ -126,16 +129,19 @@ def test_grid_puts_batch_heads_on_axis_0():
     q = torch.zeros(B, H, n, d)
     lse = torch.zeros(B, H, n)
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        for name in ("_fwd_kernel", "_delta_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
             mp.setattr(ja, name, Recorder())
         for mode in (0, 1, 2):
             ja._fwd(q, q, q, 1.0, mode, tangents=(q, q, q), o=q, lse=lse)
         ja._bwd(q, q, q, q, lse, q, 1.0)
-    assert len(grids) == 5
-    for grid in grids:
-        assert grid[0] == B * H and 1 < grid[1] <= ja.MAX_GRID_AXIS1 and len(grid) == 2
-    with pytest.raises(ValueError, match="exceeds CUDA's limits"):
-        ja._grid(ja.MAX_GRID_AXIS1 + 1, 1)
+        assert len(grids) == 6
+        for grid in grids:
+            assert len(grid) == 1 and grid[0] % (B * H) == 0 and grid[0] > B * H
+        grids.clear()
+        ja._bwd(q, q, q, q, lse, q, 1.0, needs=(False, False, True))     # dv only: no dq pass
+        assert len(grids) == 2
+    with pytest.raises(ValueError, match="grid limit"):
+        ja._grid(2**16, 2**15)
 
 
 def test_strided_inputs_as_self_attention_makes_them():
@@ -338,8 +344,7 @@ def _padding_mask(b, n, lengths):
     return keep[:, None, None, :]
 
 
-@pytest.mark.parametrize("case", ["padding_mask", "float_mask", "causal", "gqa", "dropout", "head_dim_160",
-                                  "float64"])
+@pytest.mark.parametrize("case", ["float_mask", "query_mask", "causal", "gqa", "dropout", "head_dim_160", "float64"])
 def test_patch_sdpa_runs_what_it_does_not_route_through_math_under_jvp(case):
     """Calls the kernel does not take fail under torch.func.jvp on the fused CPU/GPU backends; inside a
     patched forward they run SDPA's math backend, exactly (float64) as the unfused formula."""
@@ -350,8 +355,9 @@ def test_patch_sdpa_runs_what_it_does_not_route_through_math_under_jvp(case):
     model = MaskedSDPAModel(**kwargs).to(dtype)
     c = 320 if case == "head_dim_160" else 32
     x, tx = torch.randn(2, 11, c, dtype=dtype), torch.randn(2, 11, c, dtype=dtype)
-    mask = {"padding_mask": _padding_mask(2, 11, [11, 6]),
-            "float_mask": torch.randn(2, 1, 11, 11, dtype=dtype)}.get(case)
+    mask = {"float_mask": torch.randn(2, 1, 11, 11, dtype=dtype),
+            "query_mask": torch.rand(2, 1, 11, 11) > 0.3,         # not a key-padding mask: math
+            "float64": _padding_mask(2, 11, [11, 6])}.get(case)
     exact = copy.deepcopy(model).double()
     with sdpa_kernel([SDPBackend.MATH]):                            # forced for the whole process
         want = torch.func.jvp(lambda x: exact(x, _double(mask)), (x.double(),), (tx.double(),))
@@ -411,3 +417,96 @@ def test_patch_sdpa_leaves_plain_forward_and_backward_to_the_original(monkeypatc
     assert calls == [] and dispatch.implementations_run(reset=True) == {"attention:triton": 1}
     torch.testing.assert_close(routed, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(routed_grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def _counting(monkeypatch, *names):
+    """Count the launches of the named kernels (still running them)."""
+    launches = {name: 0 for name in names}
+    for name in names:
+        kernel = getattr(ja, name)
+
+        class Counted:
+            def __getitem__(self, grid, name=name, kernel=kernel):
+                launches[name] += 1
+                return kernel[grid]
+        monkeypatch.setattr(ja, name, Counted())
+    return launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_padding_mask_in_the_kernel_under_jvp_and_backward(dtype):
+    """A bool [B, N_kv] key mask: O, dO (torch.func.jvp and the fused pass) and gradients equal float64 math
+    attention on the kept keys, within FACTOR × PyTorch's error; a row with no key left gives 0."""
+    (q, k, v), (tq, tk, tv) = _inputs(3, 2, 19, 37, 72)
+    keep = torch.arange(37)[None, :] < torch.tensor([37, 5, 0])[:, None]     # full, 5 keys, none
+    keep[0, 17] = False                                                       # a hole mid-sequence
+    g = torch.randn(3, 2, 19, 72, dtype=torch.float64)
+
+    def run(fn, *xs):
+        xs = [x.detach().requires_grad_() for x in xs]
+        o, do = torch.func.jvp(lambda a, b, c: fn(a, b, c, None, keep), tuple(xs[:3]), tuple(xs[3:]))
+        grads = torch.autograd.grad(o, xs[:3], g.to(o.dtype))
+        return o, do, grads
+
+    truth = run(attention_reference, q, k, v, tq, tk, tv)
+    low = [t.to(dtype) for t in (q, k, v, tq, tk, tv)]
+    torch_low = run(attention_reference, *low)
+    with triton():
+        got = run(jvp_attention, *low)
+    fused = attention_jvp(*low, key_mask=keep)
+    for name, a, want, pt in [("O", got[0], truth[0], torch_low[0]), ("dO", got[1], truth[1], torch_low[1]),
+                              ("fused O", fused[0], truth[0], torch_low[0]),
+                              ("fused dO", fused[1], truth[1], torch_low[1])] + [
+            (f"grad {i}", got[2][i], truth[2][i], torch_low[2][i]) for i in range(3)]:
+        assert _err(a, want) <= FACTOR * _err(pt, want) + 1e-6, name
+    for t in (got[0][2], got[1][2], got[2][0][2], got[2][1][2], got[2][2][2], fused[0][2], fused[1][2]):
+        assert torch.equal(t, torch.zeros_like(t))                          # batch 2: no key at all
+    assert torch.equal(got[2][1][1, :, 5:], torch.zeros_like(got[2][1][1, :, 5:]))   # masked keys get no grad
+
+
+def test_patch_sdpa_routes_key_padding_masks_to_the_kernel():
+    torch.manual_seed(0)
+    model = MaskedSDPAModel(channels=64, heads=2, kv_heads=2)
+    x, tx = torch.randn(2, 11, 64), torch.randn(2, 11, 64)
+    mask = _padding_mask(2, 11, [11, 6])
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = torch.func.jvp(lambda x: model(x, mask), (x,), (tx,))
+    with patch_sdpa(model), triton():
+        got = torch.func.jvp(lambda x: model(x, mask), (x,), (tx,))
+    assert dispatch.implementations_run(reset=True) == {"attention:triton": 1}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_runs_only_the_passes_its_gradients_need(monkeypatch):
+    """Gradients for q only: no key-block pass; for v only: no query-block pass (and no dO·vᵀ)."""
+    launches = _counting(monkeypatch, "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+    (q, k, v), _ = _inputs(1, 2, 13, 17, 32)
+    q, k, v = (t.float() for t in (q, k, v))
+    g = torch.randn(1, 2, 13, 32)
+    for wants, passes in [((True, False, False), {"_bwd_dkdv_kernel": 0, "_bwd_dq_kernel": 1}),
+                          ((False, False, True), {"_bwd_dkdv_kernel": 1, "_bwd_dq_kernel": 0}),
+                          ((False, True, False), {"_bwd_dkdv_kernel": 1, "_bwd_dq_kernel": 0})]:
+        xs = [t.clone().requires_grad_(w) for t, w in zip((q, k, v), wants)]
+        with triton():
+            grads = torch.autograd.grad(jvp_attention(*xs), [x for x in xs if x.requires_grad], g)
+        ref = [x.detach().requires_grad_(x.requires_grad) for x in xs]
+        want = torch.autograd.grad(attention_reference(*ref), [x for x in ref if x.requires_grad], g)
+        torch.testing.assert_close(grads, want, rtol=1e-4, atol=1e-5)
+        assert launches == passes
+        launches.update({name: 0 for name in launches})
+
+
+def test_head_dim_split_and_vector_width():
+    """72 → 64 + 16 (80 MMA columns, not 128), 40 → 32 + 16, powers of two whole; 16-byte rows when every
+    tensor allows, else scalar indexing, which the kernels must get right too."""
+    assert [ja._head_split(d) for d in (8, 16, 40, 56, 64, 72, 88, 96, 128)] == [
+        (16, 0), (16, 0), (32, 16), (64, 0), (64, 0), (64, 16), (64, 32), (64, 32), (128, 0)]
+    base = torch.randn(1, 2, 23, 41, dtype=torch.float64)
+    q = base[..., :40].float()                                     # contiguous copy: rows of 40 floats
+    odd = torch.randn(1, 2, 23, 41)[..., :40]                      # a view: rows 41 floats apart
+    assert ja._vec(q) == 4 and ja._vec(q.half()) == 8 and ja._vec(odd) == 1
+    tq = torch.randn_like(odd)
+    want = torch.func.jvp(attention_reference, (odd.double(),) * 3, (tq.double(),) * 3)
+    with triton():
+        got = torch.func.jvp(jvp_attention, (odd,) * 3, (tq,) * 3)
+    torch.testing.assert_close([t.double() for t in got], want, rtol=1e-4, atol=1e-5)
