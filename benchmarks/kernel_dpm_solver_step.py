@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")    # before kernels/ is imported: the flag is read at decoration
+if __name__ == "__main__":  # the interpreter counts the kernel's traffic; set before kernels/ is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # (read at decoration). Importers (gpu_check) keep theirs.
 
 import argparse
 import csv
