@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 CSRC := $(wildcard csrc/*.h csrc/*.cpp csrc/cuda/*)
 
-.PHONY: setup demo claims claims-meanflow test test-slow test-faults bad-inputs bench clean
+.PHONY: setup demo claims claims-meanflow test test-slow test-faults bad-inputs bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,7 +43,7 @@ claims-meanflow: setup
 	$(PY) -m benchmarks.claims --form meanflow --teacher $(RUN)/fm-pre --out benchmarks/results/claims_meanflow
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 # Tests marked slow (minutes each). pytest exits 5 when none are collected, which is not a failure here.
 test-slow: setup
@@ -71,6 +71,12 @@ bench: setup
 	$(PY) -m benchmarks.feature_distance --out $(BENCH)/kernels
 	$(PY) -m benchmarks.pipeline --out $(BENCH)/pipeline
 	$(PY) -m benchmarks.report --results $(BENCH)
+
+# On one CUDA GPU (≤ 8 min on an H100/H200): the kernel tests marked gpu, compiled (not the interpreter), then
+# fused-vs-eager timings against the device's peak; writes $(BENCH)/gpu/<device>.csv and .md. Without CUDA it
+# says so in one line and exits 0. `python -m benchmarks.gpu_check --quick` is a ~2-minute subset.
+gpu-check: setup
+	$(PY) -m benchmarks.gpu_check --out $(BENCH)/gpu
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info kernels/*.so
