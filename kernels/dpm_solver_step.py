@@ -249,7 +249,7 @@ def dpm_solver_step_triton(x: torch.Tensor, D0: torch.Tensor, D1: Optional[torch
     reason = triton_unavailable_reason(x)
     if reason is not None:
         raise RuntimeError(f"dpm_solver_step: cannot run the Triton kernel: {reason}")
-    order, ds = _outputs(x, D0, D1, D2)
+    _, ds = _outputs(x, D0, D1, D2)
     _check_destination("out", out, x)
     _check_destination("slot", slot, x)
     for name, t in [("x", x), *zip(("D0", "D1", "D2"), ds)]:
@@ -283,17 +283,59 @@ def dpm_solver_step_triton(x: torch.Tensor, D0: torch.Tensor, D1: Optional[torch
         if _partially_overlaps(out, t):
             raise ValueError(f"dpm_solver_step: out overlaps {name} without being the same tensor: "
                              "programs would read elements other programs already overwrote")
-    ds_c += [x_c] * (3 - order)          # placeholders for unread outputs: the kernel never touches them
     block, num_warps = launch_config()
     grid = (triton.cdiv(x.numel(), block),)
+    args = _kernel_args(x_c, ds_c, out, slot, values, per_sample, x.numel(), per_sample_numel, slot_batch_stride)
     # Triton launches on the current CUDA device, not the tensors' one: make x's device current.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _dpm_solver_step_kernel[grid](
-            x_c, *ds_c, out, slot if slot is not None else out, *values,
-            x.numel(), per_sample_numel, slot_batch_stride,
-            ORDER=order, PER_SAMPLE=per_sample, STORE_SLOT=slot is not None,
-            SAMPLE_I32=per_sample_numel + block < _INT32_LIMIT, BLOCK=block, num_warps=num_warps)
+        _dpm_solver_step_kernel[grid](**args, num_warps=num_warps)
     return out
+
+
+def _kernel_args(x, ds, out, slot, values, per_sample: bool, numel: int, per_sample_numel: int,
+                 slot_batch_stride: int) -> dict:
+    """The kernel's arguments by name, as the launcher passes them; ``compile_specs`` builds its launches
+    here too, so the compile check sees the specialization a real launch gets."""
+    block, _ = launch_config()
+    d0, d1, d2 = [*ds, *[x] * (3 - len(ds))]   # placeholders for unread outputs: the kernel never touches them
+    a, b0, b1, b2 = values
+    return dict(x_ptr=x, d0_ptr=d0, d1_ptr=d1, d2_ptr=d2, out_ptr=out, slot_ptr=out if slot is None else slot,
+                a=a, b0=b0, b1=b1, b2=b2, numel=numel, per_sample=per_sample_numel,
+                slot_batch_stride=slot_batch_stride, ORDER=len(ds), PER_SAMPLE=per_sample,
+                STORE_SLOT=slot is not None, SAMPLE_I32=per_sample_numel + block < _INT32_LIMIT, BLOCK=block)
+
+
+# (case, order, per-sample coefficients + slot store, [B, per-sample numel]): an SD-latent batch of
+# 64 × 4×64×64 as the sampler (scalar coefficients) and the CMT rollout (per-sample, pair-buffer slot of N=16)
+# launch it; one sample of 2^31 elements (the int64 sample-index path); a numel that is no multiple of 16.
+_COMPILE_CASES = (("order 1", 1, False, (64, 4 * 64 * 64)), ("order 3", 3, False, (64, 4 * 64 * 64)),
+                  ("order 3 per-sample+slot", 3, True, (64, 4 * 64 * 64)),
+                  ("order 3 per-sample+slot int64-index", 3, True, (1, 2**31)),
+                  ("order 3 numel%16!=0", 3, False, (3, 3 * 33 * 33)))
+
+
+def compile_specs() -> list:
+    """The launches the launcher makes, for ``kernels.compiling`` (sm_90 compile check): each case of
+    ``_COMPILE_CASES`` for float16, bfloat16 and float32 IO, at ``launch_config()`` and Triton's default
+    num_stages (the launcher passes none)."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    from kernels.compiling import CompileSpec, Pointer, launch_specialization
+
+    _, num_warps = launch_config()
+    specs = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for case, order, rollout, (batch, per_sample_numel) in _COMPILE_CASES:
+            x = Pointer(dtype)
+            values = (Pointer(torch.float64),) * 4 if rollout else (0.829, 1.63, -1.12, 0.661)
+            slot = Pointer(dtype) if rollout else None
+            args = _kernel_args(x, [x] * order, x, slot, values, rollout, batch * per_sample_numel,
+                                per_sample_numel, 16 * per_sample_numel if rollout else 0)
+            signature, constexprs, attrs = launch_specialization(_dpm_solver_step_kernel, args)
+            specs.append(CompileSpec(f"dpm step {case} {str(dtype).removeprefix('torch.')} B={batch}",
+                                     _dpm_solver_step_kernel, signature, constexprs, num_warps=num_warps,
+                                     num_stages=CUDAOptions.num_stages, io_dtype=dtype, attrs=attrs))
+    return specs
 
 
 # --------------------------------------------------------------------------------------------------
