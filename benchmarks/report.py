@@ -20,6 +20,7 @@ KERNEL_TABLES = (   # (file under kernels/, title, command)
     ("kernel_dpm_solver_step.md", "Fused DPM-Solver++ step", "python -m benchmarks.kernel_dpm_solver_step"),
     ("kernel_jvp_attention.md", "JVP attention", "python -m benchmarks.kernel_jvp_attention"),
     ("feature_distance.md", "Fused feature distance", "python -m benchmarks.feature_distance"),
+    ("compile.md", "Triton kernels compiled for sm_90", "python -m benchmarks.compile_kernels"),
     ("../pipeline/pipeline.md", "Pipelined rollout", "python -m benchmarks.pipeline"),
 )
 
