@@ -211,7 +211,7 @@ LARGE = (128, 16, 128, 128)          # 33.5M elements: 67–134 MB per tensor, e
 ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ATTENTION_ALL = tuple((dt, d, n) for dt in ALL_DTYPES for d in (64, 72, 128) for n in (1024, 256, 4096))
 # Seconds per section, so that the whole run stays under 8 minutes on an H100: the tests compile every
-# kernel variant (~90 Triton compiles, most of their time on a cold cache; the timings then reuse them);
+# kernel variant (~110 Triton compiles, most of their time on a cold cache; the timings then reuse them);
 # a timing takes ~0.3 s. A section stops starting measurements when its budget is spent.
 FULL = Plan("full", None, (("sd-latent", SD_LATENT), ("large", LARGE)), ALL_DTYPES, _ATTENTION_ALL,
             budgets={"tests": 300, "dpm_step": 35, "attention": 110})

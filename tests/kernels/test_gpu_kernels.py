@@ -148,9 +148,10 @@ def _check_attention(checks, mine, theirs, truth):
     checks.verify()
 
 
-ATTENTION = [  # (dtype, head dim, N_q, N_kv)
+ATTENTION = [  # (dtype, head dim, N_q, N_kv); 16-bit N ≤ 256 takes its own primal block size (_config)
     *((dt, d, 1024, 1024) for dt in ALL for d in (64, 72, 128)),
-    (BF16, 64, 256, 256), (BF16, 64, 4096, 4096), (FP16, 128, 4096, 4096), (FP32, 72, 4096, 4096),
+    *((dt, d, 256, 256) for dt in (BF16, FP16) for d in (64, 72, 128)),
+    (BF16, 64, 4096, 4096), (FP16, 128, 4096, 4096), (FP32, 72, 4096, 4096),
     (BF16, 72, 1000, 1000), (FP16, 64, 257, 257), (FP32, 128, 1000, 257),
 ]
 # 16 heads, as gpu_check times them: Triton specialises integer arguments (H among them) by divisibility
