@@ -28,7 +28,7 @@ the others:
    Timer: ``triton.testing.do_bench_cudagraph`` (CUDA graph replay, so no host overhead; median), plain
    ``do_bench`` where a graph cannot be captured (the row's ``timer`` says which).
 
-Then it prints issue #16's three goals (:func:`judge_goals`: PASS / MISS and the measured ratio) and writes
+Then it prints the three goals kernels/README.md sets (:func:`judge_goals`: PASS / MISS and the measured ratio) and writes
 ``<out>/<device-slug>.csv`` (one row per measurement) and ``.md``. Peaks come from :data:`PEAKS` by device
 name; on another device it says "peak unknown" and reports absolute numbers only. Exit status 1 if a test
 failed (or none passed), a section crashed or a measurement raised; 0 otherwise, goals met or not.
@@ -62,7 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 TEST_FILE = ROOT / "tests" / "kernels" / "test_gpu_kernels.py"
-FACTOR = 2.0   # issue #16: a kernel's error against float64 is at most twice PyTorch's own (plus a floor)
+FACTOR = 2.0   # a kernel's error against float64 is at most twice PyTorch's own (plus a floor)
 FIELDS = ["section", "name", "impl", "dtype", "shape", "order", "head_dim", "seq_len", "ms", "bytes", "gb_s",
           "pct_hbm", "flops", "tflop_s", "pct_peak_flops", "value", "timer", "status", "detail"]
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -519,7 +519,7 @@ def _find(rows, **want) -> dict | None:
 
 
 def judge_goals(rows: list[dict], plan: Plan, peak: Peak | None, smoke: bool) -> list[dict]:
-    """Issue #16's goals from the measured rows, as goal rows: status PASS / MISS, or why not judged."""
+    """The goals (kernels/README.md) from the measured rows, as goal rows: status PASS / MISS, or why not judged."""
     dtype, d, n = plan.goal_attention
     at = f"{DTYPE_NAMES[dtype]}, d={d}, N={n}"
     key = dict(dtype=DTYPE_NAMES[dtype], head_dim=d, seq_len=n)
@@ -591,7 +591,7 @@ def markdown(rows: list[dict], info: dict) -> str:
               "(datasheet)." if peak else "Peak unknown for this device: absolute numbers only."), ""]
     if info.get("smoke"):
         lines += ["**Interpreter smoke run on CPU: these are not GPU numbers, only proof that the code runs.**", ""]
-    lines += ["## Goals (issue #16)", "", "| goal | measured | verdict |", "|---|---|---|"]
+    lines += ["## Goals", "", "| goal | measured | verdict |", "|---|---|---|"]
     lines += [f"| {g['name']} | {_cell(g.get('detail'))} | {g['status']} |" for g in of("goal")]
     lines += _tests_md(of("test")) + _dpm_md(of("dpm_step"))
     lines += _attention_md(of("attention_jvp"), "Attention forward+tangent (12·B·H·N²·d FLOPs)",

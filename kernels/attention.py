@@ -97,6 +97,22 @@ if triton is not None:
         tl.store(ptr + base + rows[:, None] * (stride * VEC) + cols[None, :], value, mask=mask)
 
     @triton.jit
+    def _program(n, BLOCK: tl.constexpr, H):
+        """(row of B·H, batch, head, first index of the block) of this program: one launch axis, the blocks
+        of one (batch, head) consecutive (see ``_grid``)."""
+        pid = tl.program_id(0)
+        n_blocks = tl.cdiv(n, BLOCK)
+        pid_bh = pid // n_blocks
+        return pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64), (pid % n_blocks) * BLOCK
+
+    @triton.jit
+    def _rows_of(X, at, rows, row_ok, stride, VEC: tl.constexpr, c0, c1, HEAD_D: tl.constexpr):
+        """The two head-dim chunks of rows ``rows``. Without a tail (D1 = 0) ``c1`` is one column past the
+        head dim: that tile reads nothing and, unused, is compiled away."""
+        return (_tile(X, at, rows, row_ok, stride, VEC, c0, HEAD_D),
+                _tile(X, at, rows, row_ok, stride, VEC, c1, HEAD_D))
+
+    @triton.jit
     def _scores(a0, a1, b0, b1, D1: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
         """a·bᵀ over the head dim, split as [0, D0) + [D0, D0 + D1) (D1 = 0: one chunk)."""
         s = _dot(a0, tl.trans(b0), PREC, UPCAST)
@@ -124,12 +140,8 @@ if triton is not None:
         """One program = one query block of one (batch, head); programs run query blocks fastest (see
         ``_grid``). L is the log-sum-exp of S in log2 units (the kernel works with exp2 and S·log2 e);
         +inf for a row without any key to attend, whose O and dO are 0. O / TO / L are contiguous."""
-        pid = tl.program_id(0)
-        n_blocks = tl.cdiv(N_Q, BLOCK_M)
-        pid_bh = pid // n_blocks
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_bh, b, h, first = _program(N_Q, BLOCK_M, H)
+        offs_m = first + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         c0 = tl.arange(0, D0)
         c1 = D0 + tl.arange(0, D1 if D1 > 0 else 1)
@@ -140,8 +152,7 @@ if triton is not None:
         k_at = (b * s_kb + h * s_kh) * VEC
         v_at = (b * s_vb + h * s_vh) * VEC
 
-        q0 = _tile(Q, q_at, rows, m_ok, s_qn, VEC, c0, HEAD_D)
-        q1 = _tile(Q, q_at, rows, m_ok, s_qn, VEC, c1, HEAD_D) if D1 > 0 else q0
+        q0, q1 = _rows_of(Q, q_at, rows, m_ok, s_qn, VEC, c0, c1, HEAD_D)
         l_ptrs = L + pid_bh.to(tl.int64) * N_Q + rows
         if MODE == 2:  # exact P from the saved log-sum-exp: no running max, no rescaling
             m_i = tl.load(l_ptrs, mask=m_ok, other=0.0)
@@ -154,8 +165,7 @@ if triton is not None:
             tq_at = (b * s_tqb + h * s_tqh) * VEC
             tk_at = (b * s_tkb + h * s_tkh) * VEC
             tv_at = (b * s_tvb + h * s_tvh) * VEC
-            tq0 = _tile(TQ, tq_at, rows, m_ok, s_tqn, VEC, c0, HEAD_D)
-            tq1 = _tile(TQ, tq_at, rows, m_ok, s_tqn, VEC, c1, HEAD_D) if D1 > 0 else tq0
+            tq0, tq1 = _rows_of(TQ, tq_at, rows, m_ok, s_tqn, VEC, c0, c1, HEAD_D)
             acc_t0 = tl.zeros([BLOCK_M, D0], tl.float32)
             acc_t1 = tl.zeros([BLOCK_M, D1 if D1 > 0 else 1], tl.float32)
             mu = tl.zeros([BLOCK_M], tl.float32)
@@ -166,10 +176,8 @@ if triton is not None:
             n_ok = cn < N_KV
             cols = cn.to(tl.int64)
             valid = _key_ok(KM, b, s_kmb, cols, n_ok, HAS_MASK)
-            k0 = _tile(K, k_at, cols, n_ok, s_kn, VEC, c0, HEAD_D)
-            k1 = _tile(K, k_at, cols, n_ok, s_kn, VEC, c1, HEAD_D) if D1 > 0 else k0
-            v0 = _tile(V, v_at, cols, n_ok, s_vn, VEC, c0, HEAD_D)
-            v1 = _tile(V, v_at, cols, n_ok, s_vn, VEC, c1, HEAD_D) if D1 > 0 else v0
+            k0, k1 = _rows_of(K, k_at, cols, n_ok, s_kn, VEC, c0, c1, HEAD_D)
+            v0, v1 = _rows_of(V, v_at, cols, n_ok, s_vn, VEC, c0, c1, HEAD_D)
             s = _scores(q0, q1, k0, k1, D1, PREC, UPCAST) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             if MODE == 2:
@@ -185,10 +193,8 @@ if triton is not None:
                     acc1 = acc1 * alpha[:, None] + _dot(p.to(io), v1, PREC, UPCAST)
                 m_i = m_new
             if MODE != 0:
-                tk0 = _tile(TK, tk_at, cols, n_ok, s_tkn, VEC, c0, HEAD_D)
-                tk1 = _tile(TK, tk_at, cols, n_ok, s_tkn, VEC, c1, HEAD_D) if D1 > 0 else tk0
-                tv0 = _tile(TV, tv_at, cols, n_ok, s_tvn, VEC, c0, HEAD_D)
-                tv1 = _tile(TV, tv_at, cols, n_ok, s_tvn, VEC, c1, HEAD_D) if D1 > 0 else tv0
+                tk0, tk1 = _rows_of(TK, tk_at, cols, n_ok, s_tkn, VEC, c0, c1, HEAD_D)
+                tv0, tv1 = _rows_of(TV, tv_at, cols, n_ok, s_tvn, VEC, c0, c1, HEAD_D)
                 ds = (_scores(tq0, tq1, k0, k1, D1, PREC, UPCAST) + _scores(q0, q1, tk0, tk1, D1, PREC, UPCAST)) * scale
                 # dO = Σ P·(dS − ref)·v + P·dv − (μ − ref)·O holds for any per-row ref, and only dS − μ
                 # matters: a large common row offset in dS (e.g. q·dkᵀ ≈ const) cancels in the end. So the
@@ -239,12 +245,8 @@ if triton is not None:
                       HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, VEC: tl.constexpr,
                       BLOCK_M: tl.constexpr):
         """D_i = rowsum(dO ⊙ O) in fp32, [B·H, N_q], without fp32 copies of O and dO."""
-        pid = tl.program_id(0)
-        n_blocks = tl.cdiv(N_Q, BLOCK_M)
-        pid_bh = pid // n_blocks
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_bh, b, h, first = _program(N_Q, BLOCK_M, H)
+        offs_m = first + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
         m_ok = offs_m < N_Q
         c0 = tl.arange(0, D0)
@@ -271,13 +273,9 @@ if triton is not None:
         """One program = one key block: dV = Σ_i Pᵀ·dO and, if NEED_DK, dK = scale·Σ_i dSᵀ·q with
         dS = P ⊙ (dO·vᵀ − D), D_i = rowsum(dO ⊙ O) (``_delta_kernel``), P recomputed from the saved log2
         log-sum-exp L. DK and DV are contiguous [B, H, N_kv, d]."""
-        pid = tl.program_id(0)
-        n_blocks = tl.cdiv(N_KV, BLOCK_N)
-        pid_bh = pid // n_blocks
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
+        pid_bh, b, h, first = _program(N_KV, BLOCK_N, H)
         offs_m = tl.arange(0, BLOCK_M)
-        offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = first + tl.arange(0, BLOCK_N)
         c0 = tl.arange(0, D0)
         c1 = D0 + tl.arange(0, D1 if D1 > 0 else 1)
         cols = offs_n.to(tl.int64)
@@ -289,10 +287,8 @@ if triton is not None:
         v_at = (b * s_vb + h * s_vh) * VEC
         do_at = (b * s_dob + h * s_doh) * VEC
 
-        k0 = _tile(K, k_at, cols, n_ok, s_kn, VEC, c0, HEAD_D)
-        k1 = _tile(K, k_at, cols, n_ok, s_kn, VEC, c1, HEAD_D) if D1 > 0 else k0
-        v0 = _tile(V, v_at, cols, n_ok, s_vn, VEC, c0, HEAD_D)
-        v1 = _tile(V, v_at, cols, n_ok, s_vn, VEC, c1, HEAD_D) if D1 > 0 else v0
+        k0, k1 = _rows_of(K, k_at, cols, n_ok, s_kn, VEC, c0, c1, HEAD_D)
+        v0, v1 = _rows_of(V, v_at, cols, n_ok, s_vn, VEC, c0, c1, HEAD_D)
         dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
         dk1 = tl.zeros([BLOCK_N, D1 if D1 > 0 else 1], tl.float32)
         dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
@@ -302,10 +298,8 @@ if triton is not None:
             rm = start_m + offs_m
             m_ok = rm < N_Q
             rows = rm.to(tl.int64)
-            q0 = _tile(Q, q_at, rows, m_ok, s_qn, VEC, c0, HEAD_D)
-            q1 = _tile(Q, q_at, rows, m_ok, s_qn, VEC, c1, HEAD_D) if D1 > 0 else q0
-            do0 = _tile(DO, do_at, rows, m_ok, s_don, VEC, c0, HEAD_D)
-            do1 = _tile(DO, do_at, rows, m_ok, s_don, VEC, c1, HEAD_D) if D1 > 0 else do0
+            q0, q1 = _rows_of(Q, q_at, rows, m_ok, s_qn, VEC, c0, c1, HEAD_D)
+            do0, do1 = _rows_of(DO, do_at, rows, m_ok, s_don, VEC, c0, c1, HEAD_D)
             lse = tl.load(L + row0 + rows, mask=m_ok, other=float("inf"))
             s = _scores(q0, q1, k0, k1, D1, PREC, UPCAST) * qk_scale
             p = tl.where(m_ok[:, None] & valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
@@ -338,12 +332,8 @@ if triton is not None:
                        HAS_MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program = one query block: dQ = scale·Σ_j dS·k (a separate pass, so no atomics)."""
-        pid = tl.program_id(0)
-        n_blocks = tl.cdiv(N_Q, BLOCK_M)
-        pid_bh = pid // n_blocks
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        offs_m = (pid % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_bh, b, h, first = _program(N_Q, BLOCK_M, H)
+        offs_m = first + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         c0 = tl.arange(0, D0)
         c1 = D0 + tl.arange(0, D1 if D1 > 0 else 1)
@@ -355,10 +345,8 @@ if triton is not None:
         v_at = (b * s_vb + h * s_vh) * VEC
         do_at = (b * s_dob + h * s_doh) * VEC
 
-        q0 = _tile(Q, q_at, rows, m_ok, s_qn, VEC, c0, HEAD_D)
-        q1 = _tile(Q, q_at, rows, m_ok, s_qn, VEC, c1, HEAD_D) if D1 > 0 else q0
-        do0 = _tile(DO, do_at, rows, m_ok, s_don, VEC, c0, HEAD_D)
-        do1 = _tile(DO, do_at, rows, m_ok, s_don, VEC, c1, HEAD_D) if D1 > 0 else do0
+        q0, q1 = _rows_of(Q, q_at, rows, m_ok, s_qn, VEC, c0, c1, HEAD_D)
+        do0, do1 = _rows_of(DO, do_at, rows, m_ok, s_don, VEC, c0, c1, HEAD_D)
         row0 = pid_bh.to(tl.int64) * N_Q
         lse = tl.load(L + row0 + rows, mask=m_ok, other=float("inf"))
         delta = tl.load(D + row0 + rows, mask=m_ok, other=0.0)
@@ -369,10 +357,8 @@ if triton is not None:
             n_ok = cn < N_KV
             cols = cn.to(tl.int64)
             valid = _key_ok(KM, b, s_kmb, cols, n_ok, HAS_MASK)
-            k0 = _tile(K, k_at, cols, n_ok, s_kn, VEC, c0, HEAD_D)
-            k1 = _tile(K, k_at, cols, n_ok, s_kn, VEC, c1, HEAD_D) if D1 > 0 else k0
-            v0 = _tile(V, v_at, cols, n_ok, s_vn, VEC, c0, HEAD_D)
-            v1 = _tile(V, v_at, cols, n_ok, s_vn, VEC, c1, HEAD_D) if D1 > 0 else v0
+            k0, k1 = _rows_of(K, k_at, cols, n_ok, s_kn, VEC, c0, c1, HEAD_D)
+            v0, v1 = _rows_of(V, v_at, cols, n_ok, s_vn, VEC, c0, c1, HEAD_D)
             s = _scores(q0, q1, k0, k1, D1, PREC, UPCAST) * qk_scale
             p = tl.where(valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
             dp = _scores(do0, do1, v0, v1, D1, PREC, UPCAST)
