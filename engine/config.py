@@ -190,6 +190,11 @@ class ModelConfig:
     sigma_data: float = setting(0.5, above=0)
     sigma_min: float = setting(0.002, above=0)
     sigma_max: float = setting(80.0, above=0)
+    # A consistency student's c_skip/c_out (docs/deviations.md): boundary = the σ_min boundary-condition form
+    # in training and sampling (the engine's default); edm = EDM's plain coefficients while training, the
+    # boundary form at evaluation (the authors' preconditioner), with eval_sigma_min (None: sigma_min).
+    train_coeffs: Literal["boundary", "edm"] = "boundary"
+    eval_sigma_min: Optional[float] = setting(None, above=0)
 
 
 @dataclass
@@ -217,6 +222,9 @@ class MidConfig:
     solver_order: Literal[1, 2, 3] = 3
     data_start: bool = False             # x_T = x_0 + sigma_max*eps (authors' code) instead of sigma_max*eps
     loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
+    # l2 (and the MeanFlow form's squared error): the mean over a sample's elements, or their sum (the
+    # authors' code: C·H·W times larger)
+    l2_reduction: Literal["mean", "sum"] = "mean"
     feature_net: Optional[str] = None    # weights of the perceptual network for lpips / elatentlpips
     cfg_scale: float = setting(1.0, min=0)   # must match across the three stages (docs/method.md §5)
     # Run or export dir of a guide network for cfg_scale != 1 with a teacher never trained with a dropped label
@@ -252,8 +260,10 @@ class PostConfig:
     mf_P_std: float = setting(1.0, above=0)
     mf_equal_fraction: float = setting(0.75, min=0, max=1)   # share of samples with r = t
     mf_adaptive_p: float = setting(1.0, min=0)     # adaptive weight 1 / (||u - u_tgt||^2 + c)^p
-    mf_adaptive_c: float = setting(1.0e-3, above=0)
-    cfg_scale: float = setting(1.0, min=0)   # MeanFlow: guidance trained into u (MeanFlow Eq. 13); ECT/ECD: 1
+    mf_adaptive_c: float = setting(1.0e-3, above=0)   # the MeanFlow paper's c; its official code uses 0.01
+    cfg_scale: float = setting(1.0, min=0)   # MeanFlow: guidance ω trained into u (MeanFlow Eq. 13); ECT/ECD: 1
+    cfg_kappa: float = setting(0.0, min=0, below=1)   # MeanFlow Eq. 13's κ: weight of the conditional u in ṽ
+    clamp_t: bool = True                 # ECT/ECD: clamp t to [σ_min, σ_max] (the authors do not)
     # MeanFlow: share of labels dropped to the null class (their target stays v)
     label_dropout: float = setting(0.0, min=0, below=1)
 
@@ -303,7 +313,9 @@ class SampleConfig:
     order: Literal[1, 2, 3] = 3
     num_images: int = setting(100, min=1)   # grid size: a square number looks best
     t_mid: float = setting(0.77569, above=0)   # consistency 2-step sampling: re-noise to this σ (t_7 of the
-                                               # λ-uniform N=16 grid)
+                                               # λ-uniform N=16 grid; the authors' ECT post-training: 0.821)
+    # the re-noise std at level τ: tau (ECT's and the authors' code) or sqrt(τ² − σ_min²) (the engine's default)
+    renoise_std: Literal["tau", "sqrt_tau2_minus_sigma_min2"] = "sqrt_tau2_minus_sigma_min2"
     batch_size: int = setting(250, min=1)
 
 

@@ -54,7 +54,8 @@ def sample_batch(model, cfg: Config, sampler: dict, eps: torch.Tensor, labels, r
         states = _teacher_states(model, kind, cfg, eps, labels, sampler["solver"], steps, sampler["order"])
     elif kind == "consistency":
         states = consistency_sample(lambda x, s: model(x, s, labels), eps, cfg.model.sigma_max, steps,
-                                    cfg.sample.t_mid, cfg.model.sigma_min, generator=generator, renoise=renoise)
+                                    cfg.sample.t_mid, cfg.model.sigma_min, generator=generator, renoise=renoise,
+                                    renoise_std=cfg.sample.renoise_std)
     else:
         states = meanflow_sample(lambda z, r, t: model(z, r, t, labels), eps, steps)
     return states[-1].float()

@@ -29,6 +29,13 @@ class MeanSquaredError(nn.Module):
         return (x - y).square().flatten(1).mean(dim=1)
 
 
+class SumSquaredError(nn.Module):
+    """Sum over all but the batch dim of (x − y)²: the authors' mid-training l2 (C·H·W × the mean)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return (x - y).square().flatten(1).sum(dim=1)
+
+
 class L2Norm(nn.Module):
     """‖x − y‖₂ over all but the batch dim (not squared)."""
 
@@ -82,14 +89,15 @@ class PerceptualDistance(nn.Module):
         return sum(feature_distance(a, b, w) for a, b, w in zip(fx, fy, self._heads(len(fx))))
 
 
-DISTANCES = ("mean_squared", "l2_norm", "feature", "lpips", "elatentlpips")
+DISTANCES = ("mean_squared", "sum_squared", "l2_norm", "feature", "lpips", "elatentlpips")
 
 
 def build_distance(kind: str, *, channels: int, resolution: int, feature_net: Optional[str] = None,
                    config_key: str = "mid.feature_net", cache_dir: str | Path | None = None) -> nn.Module:
     """The distance module for a loss name; ``feature_net`` is the weights file named by ``config_key``.
 
-    - ``mean_squared`` / ``l2_norm``: :class:`MeanSquaredError` / :class:`L2Norm`.
+    - ``mean_squared`` / ``sum_squared`` / ``l2_norm``: :class:`MeanSquaredError` / :class:`SumSquaredError` /
+      :class:`L2Norm`.
     - ``feature``: the digits GN-VGG (trained once and cached; ``feature_net`` overrides it with a file
       from :func:`save_feature_net`), no learned heads, no augmentation.
     - ``elatentlpips``: a GN-VGG trained on the latents (``cmt-train-feature-net``), no heads, the same random
@@ -100,6 +108,8 @@ def build_distance(kind: str, *, channels: int, resolution: int, feature_net: Op
     """
     if kind == "mean_squared":
         return MeanSquaredError()
+    if kind == "sum_squared":
+        return SumSquaredError()
     if kind == "l2_norm":
         return L2Norm()
     if kind not in DISTANCES:

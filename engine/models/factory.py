@@ -104,7 +104,9 @@ def wrap_network(net: torch.nn.Module, cfg: Config, kind: str) -> torch.nn.Modul
     if wrapper in (EDMDenoiser,):
         return wrapper(net, sigma_data=cfg.model.sigma_data)
     if wrapper is ConsistencyFunction:
-        return wrapper(net, sigma_data=cfg.model.sigma_data, sigma_min=cfg.model.sigma_min)
+        m = cfg.model
+        return wrapper(net, sigma_data=m.sigma_data, sigma_min=m.sigma_min, train_coeffs=m.train_coeffs,
+                       eval_sigma_min=m.eval_sigma_min)
     return wrapper(net)
 
 

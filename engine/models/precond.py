@@ -55,15 +55,27 @@ class EDMDenoiser(_Preconditioned):
 
 class ConsistencyFunction(_Preconditioned):
     """f(x, σ) with the boundary-condition coefficients: f(x, σ_min) = x exactly for any F.
-    Defined for σ ≥ σ_min (c_noise = ¼ ln σ): a target at r = 0 is x_0 itself, chosen by the caller."""
+    Defined for σ ≥ σ_min (c_noise = ¼ ln σ): a target at r = 0 is x_0 itself, chosen by the caller.
 
-    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN):
+    ``train_coeffs="edm"`` is the authors' preconditioner: in training mode EDM's plain coefficients (so a
+    student initialised from an EDM teacher starts as exactly that teacher), in eval mode the boundary
+    form with ``eval_sigma_min`` (they use 0.003). ``"boundary"`` uses the boundary form with σ_min always."""
+
+    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN,
+                 train_coeffs: str = "boundary", eval_sigma_min: float | None = None):
         super().__init__(net, sigma_data)
-        self.sigma_min = sigma_min
+        if train_coeffs not in ("boundary", "edm"):
+            raise ValueError(f"train_coeffs must be 'boundary' or 'edm', got {train_coeffs!r}")
+        self.sigma_min, self.train_coeffs = sigma_min, train_coeffs
+        self.eval_sigma_min = sigma_min if eval_sigma_min is None else eval_sigma_min
 
     def forward(self, x: torch.Tensor, sigma, class_labels=None) -> torch.Tensor:
         sigma = _per_sample(sigma, x)
-        coeffs = consistency_precond_coeffs(sigma, self.sigma_data, self.sigma_min)
+        if self.training and self.train_coeffs == "edm":
+            coeffs = edm_precond_coeffs(sigma, self.sigma_data)
+        else:
+            coeffs = consistency_precond_coeffs(sigma, self.sigma_data,
+                                                self.sigma_min if self.training else self.eval_sigma_min)
         return self._apply_coeffs(x, coeffs, class_labels)
 
 

@@ -3,11 +3,11 @@
 Same API shape as :mod:`engine.sampling.solvers`: each sampler returns the list of every state it visits, one per
 grid entry, starting with the input and ending with the sample.
 
-- Consistency (EDM σ, ECT convention): states at σ = [σ_max, τ_1, …, τ_{N−1}, 0]. The first state is
-  x_T = σ_max·ε; each step maps the state to data with f, and every step but the last re-noises that
-  estimate to the next level τ_i with ``x̂ + √(τ_i² − σ_min²)·ε'``. The √(τ² − σ_min²) is ECT's (and the
-  original consistency models') convention: f's output is treated as a sample at σ_min (f(x, σ_min) = x),
-  so adding independent noise of that std gives total noise level τ. The last state is f's final output.
+- Consistency (EDM σ): states at σ = [σ_max, τ_1, …, τ_{N−1}, 0]. The first state is x_T = σ_max·ε; each
+  step maps the state to data with f, and every step but the last re-noises that estimate to the next
+  level τ_i with ``x̂ + s·ε'``. ``renoise_std`` sets s: ``tau`` (s = τ_i, what ECT's and the CMT authors'
+  code add) or the engine's default ``sqrt_tau2_minus_sigma_min2`` (s = √(τ_i² − σ_min²): f's output read
+  as a sample at σ_min, so the total noise level is τ; docs/deviations.md). The last state is f's output.
 - MeanFlow (FM t): states at t = [1, …, 0] on a uniform grid, via :func:`engine.sampling.solvers.meanflow_multistep`;
   1 step is ``x = z_1 − u(z_1, 0, 1)``.
 """
@@ -43,12 +43,23 @@ def consistency_levels(steps: int | None = 1, t_mid: float | None = None,
                      f"({steps - 1} decreasing σ values)")
 
 
+def renoise_scale(tau: float, sigma_min: float, renoise_std: str) -> float:
+    """The std of the noise added to re-noise to level τ: τ (ECT's and the authors' code), or √(τ² − σ_min²)
+    (the engine's default: the state f(x) ≈ x_0 is read as already at σ_min)."""
+    if renoise_std == "tau":
+        return float(tau)
+    if renoise_std == "sqrt_tau2_minus_sigma_min2":
+        return (tau ** 2 - sigma_min ** 2) ** 0.5
+    raise ValueError(f"renoise_std must be 'tau' or 'sqrt_tau2_minus_sigma_min2', got {renoise_std!r}")
+
+
 @torch.no_grad()
 def consistency_sample(f, x_T_noise: torch.Tensor, sigma_max: float = SIGMA_MAX, steps: int | None = 1,
                        t_mid: float | None = None, sigma_min: float = SIGMA_MIN,
                        generator: torch.Generator | None = None,
                        levels: Sequence[float] | None = None,
-                       renoise: Sequence[torch.Tensor] | None = None) -> list:
+                       renoise: Sequence[torch.Tensor] | None = None,
+                       renoise_std: str = "sqrt_tau2_minus_sigma_min2") -> list:
     """Multistep consistency sampling with ``f(x, sigma[B])``; one f call per step.
 
     ``steps`` 1 or 2 (re-noise to ``t_mid``); for N steps pass ``levels`` (then ``steps`` may be None).
@@ -74,7 +85,7 @@ def consistency_sample(f, x_T_noise: torch.Tensor, sigma_max: float = SIGMA_MAX,
         tau = levels[i]
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if renoise is None \
             else renoise[i].to(x.device, x.dtype)
-        x = (denoised + (tau ** 2 - sigma_min ** 2) ** 0.5 * eps).to(x_T_noise.dtype)
+        x = (denoised + renoise_scale(tau, sigma_min, renoise_std) * eps).to(x_T_noise.dtype)
         states.append(x)
     return states
 

@@ -44,8 +44,11 @@ _SAMPLERS = {
 
 
 def mid_distance(cfg: Config) -> str:
-    """The distance of ``mid.loss``: ``l2`` is the mean squared error (MeanFlow's regression always is)."""
-    return "mean_squared" if cfg.mid.form == "meanflow" or cfg.mid.loss == "l2" else cfg.mid.loss
+    """The distance of ``mid.loss``: ``l2`` is the squared error (MeanFlow's regression always is), averaged
+    over each sample's elements or, with ``mid.l2_reduction=sum`` (the authors' code), summed."""
+    if cfg.mid.form == "meanflow" or cfg.mid.loss == "l2":
+        return "sum_squared" if cfg.mid.l2_reduction == "sum" else "mean_squared"
+    return cfg.mid.loss
 
 
 def pairs_per_trajectory(cfg: Config) -> int:

@@ -133,10 +133,11 @@ class PostTraining(Stage):
     @staticmethod
     def cost_per_pair(cfg: Config) -> PairCost:
         """Per image: ECT one student forward with and one without grad; ECD adds its teacher step (Euler 1,
-        Heun 2 NFEs); MeanFlow's jvp counts as two forwards, plus one no-grad forward under guidance."""
+        Heun 2 NFEs); MeanFlow's jvp counts as two forwards, plus one no-grad forward under guidance (two with κ > 0)."""
         p = cfg.post
         if p.method == "meanflow":
-            return PairCost(teacher_nfe=0.0, student_grad=2.0, student_nograd=1.0 if p.cfg_scale != 1.0 else 0.0,
+            guided_forwards = (1.0 + (p.cfg_kappa > 0)) if p.cfg_scale != 1.0 else 0.0
+            return PairCost(teacher_nfe=0.0, student_grad=2.0, student_nograd=guided_forwards,
                             distance="mean_squared", jvp=1.0)
         nfe = 0.0 if p.method == "ect" else (1.0 if p.ecd_solver == "euler" else 2.0)
         return PairCost(teacher_nfe=nfe, student_grad=1.0, student_nograd=1.0, distance=post_distance(cfg))
@@ -225,10 +226,12 @@ class PostTraining(Stage):
                                      inputs.generator).mean()
 
     def sample_times(self, batch: int, generator=None, device=None):
-        """(t, r): ln t ~ N(P_mean, P_std²) clamped to [σ_min, σ_max], r = ect_r_schedule(t)."""
+        """(t, r): ln t ~ N(P_mean, P_std²), clamped to [σ_min, σ_max] unless post.clamp_t=false (the
+        authors'), r = ect_r_schedule(t)."""
         p, m = self.cfg.post, self.cfg.model
         t = sample_edm_sigma(batch, p.P_mean, p.P_std, generator=generator, device=device)
-        t = t.clamp(m.sigma_min, m.sigma_max)
+        if p.clamp_t:
+            t = t.clamp(m.sigma_min, m.sigma_max)
         return t, ect_r_schedule(t, p.q, p.k, p.b)
 
     @torch.no_grad()
@@ -274,16 +277,23 @@ class PostTraining(Stage):
         return (v - expand_like(t - r, v).to(dudt.dtype) * dudt).detach()
 
     def guided_velocity(self, model, z_t, v, t, labels) -> torch.Tensor:
-        """MeanFlow's guided field (its Eq. 13, κ = 0): ṽ = ω·v + (1 − ω)·sg u(z_t, t, t | ∅).
+        """MeanFlow's guided field (its Eq. 13): ṽ = ω·v + κ·sg u(z_t, t, t | c) + (1 − ω − κ)·sg u(z_t, t, t | ∅).
 
-        The network's own unconditional instantaneous velocity stands in for the unconditional teacher, so
-        u learns the guided flow and is sampled as is. Samples whose label was dropped keep ṽ = v.
+        The network's own instantaneous velocities stand in for the teacher's, so u learns the guided flow
+        and is sampled as is; κ = 0 needs only the unconditional one. Samples whose label was dropped keep
+        ṽ = v.
         """
-        null = self.cfg.network.num_classes
+        p, null = self.cfg.post, self.cfg.network.num_classes
         with torch.no_grad():
-            uncond = model(z_t, t, t, torch.full_like(labels, null))
+            uncond = model(z_t, t, t, torch.full_like(labels, null)).to(v.dtype)
             self.counters["student_fwd_nograd"] += 1
-        out = guided(v, uncond.to(v.dtype), self.cfg.post.cfg_scale)
+            if p.cfg_kappa > 0:
+                cond = model(z_t, t, t, labels).to(v.dtype)
+                self.counters["student_fwd_nograd"] += 1
+        if p.cfg_kappa > 0:
+            out = p.cfg_scale * v + p.cfg_kappa * cond + (1 - p.cfg_scale - p.cfg_kappa) * uncond
+        else:
+            out = guided(v, uncond, p.cfg_scale)
         return torch.where(expand_like(labels == null, v), v, out)
 
     def meanflow_loss(self, model, x0, eps, r, t, labels=None) -> torch.Tensor:
