@@ -392,7 +392,9 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype = torch.float16, n: int
     IO: the primal forward keeps one [BLOCK_M, d] accumulator and affords 128-row blocks (64 for n ≤ 256,
     so that a (batch, head) still spreads over several programs); the tangent passes add a tangent
     accumulator and three tangent tiles, so they take 64 rows and 8 warps; a padded head dim above 64
-    halves the key block; sm_80 takes one pipeline stage fewer (164 KB of shared memory, not 227 KB).
+    halves the key block; sm_80 takes one pipeline stage fewer (164 KB of shared memory, not 227 KB) and,
+    with mma.sync instead of wgmma, narrower key blocks in the tangent and dk/dv passes (a one-off sweep
+    compiled for sm_80: no 16-bit spills at d = 64, 72, 128; the compile check builds sm_90 only).
     float32 IO (``tf32x3`` dots, see ``_dot_flags``) splits each operand in two, which triples the live
     registers of a tile: its configs are the smallest-spill ones of a sweep of tile shapes on sm_90 (0 B
     for the primal forward and dq at every head dim, and for everything at d ≤ 64; the tangent passes and
@@ -421,13 +423,20 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype = torch.float16, n: int
             "dq": [(64, 16, 4), (64, 16, 4), (16, 32, 4)],
         }[kind][col]
         return dict(BLOCK_M=m, BLOCK_N=n_, num_warps=warps, num_stages=1)
-    stages = 3 if arch >= 90 else 2
-    tangent = dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
+    if arch >= 90:
+        tangent = dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=8, num_stages=2)
+        fwd_t, dkdv = tangent, dict(BLOCK_M=32 if big else 64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2)
+    else:   # mma.sync keeps more of a tile in registers than wgmma: narrower key blocks
+        tangent = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+        fwd_t = dict(BLOCK_M=32 if big else 64, BLOCK_N=32, num_warps=8, num_stages=2)
+        dkdv = dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2) if big else \
+            dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     return {
-        "fwd": dict(BLOCK_M=128 if n > 256 else 64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=stages),
-        "fwd_t": tangent,
+        "fwd": dict(BLOCK_M=128 if n > 256 else 64, BLOCK_N=64, num_warps=8 if big else 4,
+                    num_stages=3 if arch >= 90 else 2),
+        "fwd_t": fwd_t,
         "tangent": tangent,
-        "dkdv": dict(BLOCK_M=32 if big else 64, BLOCK_N=64, num_warps=8 if big else 4, num_stages=2),
+        "dkdv": dkdv,
         "dq": dict(BLOCK_M=64, BLOCK_N=32 if big else 64, num_warps=8 if big else 4, num_stages=2),
     }[kind]
 
