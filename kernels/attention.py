@@ -268,9 +268,9 @@ if triton is not None:
                          s_gb, s_gh, s_gn, s_kmb,
                          H, N_Q, N_KV, scale, qk_scale,
                          HEAD_D: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, VEC: tl.constexpr,
-                         NEED_DK: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                         UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One program = one key block: dV = Σ_i Pᵀ·dO and, if NEED_DK, dK = scale·Σ_i dSᵀ·q with
+                         NEED_DK: tl.constexpr, NEED_DV: tl.constexpr, HAS_MASK: tl.constexpr,
+                         PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program = one key block: if NEED_DV, dV = Σ_i Pᵀ·dO; if NEED_DK, dK = scale·Σ_i dSᵀ·q with
         dS = P ⊙ (dO·vᵀ − D), D_i = rowsum(dO ⊙ O) (``_delta_kernel``), P recomputed from the saved log2
         log-sum-exp L. DK and DV are contiguous [B, H, N_kv, d]."""
         pid_bh, b, h, first = _program(N_KV, BLOCK_N, H)
@@ -303,10 +303,11 @@ if triton is not None:
             lse = tl.load(L + row0 + rows, mask=m_ok, other=float("inf"))
             s = _scores(q0, q1, k0, k1, D1, PREC, UPCAST) * qk_scale
             p = tl.where(m_ok[:, None] & valid[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
-            pt = tl.trans(p.to(io))
-            dv0 += _dot(pt, do0, PREC, UPCAST)
-            if D1 > 0:
-                dv1 += _dot(pt, do1, PREC, UPCAST)
+            if NEED_DV:
+                pt = tl.trans(p.to(io))
+                dv0 += _dot(pt, do0, PREC, UPCAST)
+                if D1 > 0:
+                    dv1 += _dot(pt, do1, PREC, UPCAST)
             if NEED_DK:
                 delta = tl.load(D + row0 + rows, mask=m_ok, other=0.0)
                 dp = _scores(do0, do1, v0, v1, D1, PREC, UPCAST)
@@ -315,9 +316,10 @@ if triton is not None:
                 if D1 > 0:
                     dk1 += _dot(dst, q1, PREC, UPCAST)
         g_at = (b * s_gb + h * s_gh) * VEC
-        _put(DV, g_at, cols, n_ok, s_gn, VEC, c0, HEAD_D, dv0.to(io))
-        if D1 > 0:
-            _put(DV, g_at, cols, n_ok, s_gn, VEC, c1, HEAD_D, dv1.to(io))
+        if NEED_DV:
+            _put(DV, g_at, cols, n_ok, s_gn, VEC, c0, HEAD_D, dv0.to(io))
+            if D1 > 0:
+                _put(DV, g_at, cols, n_ok, s_gn, VEC, c1, HEAD_D, dv1.to(io))
         if NEED_DK:
             _put(DK, g_at, cols, n_ok, s_gn, VEC, c0, HEAD_D, (dk0 * scale).to(io))
             if D1 > 0:
@@ -396,10 +398,11 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype = torch.float16, n: int
     with mma.sync instead of wgmma, narrower key blocks in the tangent and dk/dv passes (a one-off sweep
     compiled for sm_80: no 16-bit spills at d = 64, 72, 128; the compile check builds sm_90 only).
     float32 IO (``tf32x3`` dots, see ``_dot_flags``) splits each operand in two, which triples the live
-    registers of a tile: its configs are the smallest-spill ones of a sweep of tile shapes on sm_90 (0 B
-    for the primal forward and dq at every head dim, and for everything at d ≤ 64; the tangent passes and
-    dk/dv at d ≥ 72 still spill, see compile.md; fp32 attention is the slow path, use bf16/fp16 for
-    speed); on sm_80 fp32 takes 16 × 16 tiles. ``make gpu-check`` times them on a GPU. Under the
+    registers of a tile: its configs come from a sweep of tile shapes on sm_90, together with one
+    power-of-two head-dim chunk, MODE 0 + MODE 2 for ``attention_jvp`` and dk, dv as two passes above a
+    padded head dim of 64 — no fp32 kernel spills on sm_90 at d = 64, 72, 128 (compile.md). On sm_80 fp32
+    takes 16 × 16 tiles, and its tangent pass still spills 392 B per thread at d = 72 and 128 (fp32 is the
+    accuracy path: use bf16/fp16 for speed). ``make gpu-check`` times them on a GPU. Under the
     interpreter a single small config is used, with BLOCK_M ≠ BLOCK_N so that index mix-ups between the
     query and key axes cannot cancel out in tests.
     """
@@ -409,7 +412,7 @@ def _config(kind: str, head_dim: int, dtype: torch.dtype = torch.float16, n: int
         return dict(BLOCK_M=m, BLOCK_N=n_, num_warps=4, num_stages=1)
     if kind == "delta":
         return dict(BLOCK_M=64, BLOCK_N=16, num_warps=4, num_stages=1)
-    width = sum(_head_split(head_dim))
+    width = sum(_head_split(head_dim, dtype))
     big = width > 64
     if dtype == torch.float32:
         if arch < 90:
@@ -498,8 +501,11 @@ def compile_specs(head_dims=(64, 72, 128), dtypes=(torch.float16, torch.bfloat16
                 warps, stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
                 named = dict(zip(arg_names(kernel), args)) | kwargs
                 signature, constexprs, attrs = launch_specialization(kernel, named)
-                what = kernel.fn.__name__.strip("_").removesuffix("_kernel") + (
-                    f" MODE {kwargs['MODE']}" if "MODE" in kwargs else "")
+                what = kernel.fn.__name__.strip("_").removesuffix("_kernel")
+                if "MODE" in kwargs:
+                    what += f" MODE {kwargs['MODE']}"
+                if "NEED_DK" in kwargs and not (kwargs["NEED_DK"] and kwargs["NEED_DV"]):
+                    what += " dk" if kwargs["NEED_DK"] else " dv"
                 name = f"attention {what} d={d} {str(dtype).removeprefix('torch.')} N={n}"
                 if name not in seen:
                     seen.add(name)
@@ -525,13 +531,15 @@ def _on_device(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _head_split(head_dim: int) -> tuple[int, int]:
+def _head_split(head_dim: int, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
     """(D0, D1): the head dim as a power-of-two chunk plus a power-of-two tail chunk (0: none), each ≥ 16
     (the MMA's granularity), when that pads less than one power of two would: 72 → 64 + 16 (80 columns of
-    MMA work, not 128), 40 → 32 + 16, 88 → 64 + 32; 64 → 64 + 0; 56 → 64 + 0 (32 + 32 gains nothing)."""
+    MMA work, not 128), 40 → 32 + 16, 88 → 64 + 32; 64 → 64 + 0; 56 → 64 + 0 (32 + 32 gains nothing).
+    float32 IO keeps one power-of-two chunk: the tail's extra tf32x3 dots made its tangent and dk passes
+    spill registers at d = 72 (compiled for sm_90), and fp32 is the accuracy path, not the fast one."""
     full = max(16, 1 << (head_dim - 1).bit_length())
     d0 = 1 << (head_dim.bit_length() - 1)
-    if head_dim <= 16 or d0 == head_dim:
+    if head_dim <= 16 or d0 == head_dim or dtype == torch.float32:
         return full, 0
     d1 = max(16, 1 << (head_dim - d0 - 1).bit_length())
     return (d0, d1) if d0 + d1 < full else (full, 0)
@@ -578,8 +586,8 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _head_flags(d: int, vec: int) -> dict:
-    d0, d1 = _head_split(d)
+def _head_flags(d: int, vec: int, dtype: torch.dtype) -> dict:
+    d0, d1 = _head_split(d, dtype)
     return dict(HEAD_D=d, D0=d0, D1=d1, VEC=vec)
 
 
@@ -673,22 +681,23 @@ def _fwd(q, k, v, scale, mode, tangents=None, o=None, lse=None, key_mask=None):
                 *_strides3(q, vec), *_strides3(k, vec), *_strides3(v, vec),
                 *_strides3(tq, vec), *_strides3(tk, vec), *_strides3(tv, vec), *_strides3(o, vec),
                 s_kmb, H, n_q, n_kv, scale, scale * _LOG2E,
-                MODE=mode, HAS_MASK=has_mask, **_head_flags(d, vec), **_dot_flags(q.dtype), **cfg)
+                MODE=mode, HAS_MASK=has_mask, **_head_flags(d, vec, q.dtype), **_dot_flags(q.dtype), **cfg)
     return (None if mode == 2 else o), (None if mode == 2 else lse), (None if mode == 0 else do)
 
 
 def _bwd(q, k, v, o, lse, grad_o, scale, needs=(True, True, True), key_mask=None):
     """dq, dk, dv (None for those ``needs`` leaves out): ``_delta_kernel``, then the key-block pass if dk
-    or dv is needed (dv alone skips dO·vᵀ), then the query-block pass if dq is."""
+    or dv is needed (dv alone skips dO·vᵀ; fp32 above a padded head dim of 64 runs dk and dv as two
+    passes, whose state fits in registers where one pass's spills), then the query-block pass if dq is."""
     B, H, n_q, d = q.shape
     n_kv = k.shape[2]
     q, k, v, grad_o = map(_unit_last, (q, k, v, grad_o))
     need_dq, need_dk, need_dv = needs
     dq = torch.empty((B, H, n_q, d), device=q.device, dtype=q.dtype) if need_dq else None
-    dk = torch.empty((B, H, n_kv, d), device=q.device, dtype=q.dtype) if need_dk or need_dv else None
-    dv = torch.empty_like(dk) if need_dk or need_dv else None
+    dk = torch.empty((B, H, n_kv, d), device=q.device, dtype=q.dtype) if need_dk else None
+    dv = torch.empty((B, H, n_kv, d), device=q.device, dtype=q.dtype) if need_dv else None
     vec = _vec(q, k, v, grad_o, o, *(t for t in (dq, dk, dv) if t is not None))
-    heads = _head_flags(d, vec)
+    heads = _head_flags(d, vec, q.dtype)
     delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)   # D_i = rowsum(dO ⊙ O)
     km, s_kmb, has_mask = _mask_args(key_mask, q)
     common = (*_strides3(q, vec), *_strides3(k, vec), *_strides3(v, vec), *_strides3(grad_o, vec))
@@ -699,17 +708,23 @@ def _bwd(q, k, v, o, lse, grad_o, scale, needs=(True, True, True), key_mask=None
         _launch(_delta_kernel, _grid(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H),
             o, grad_o, delta, *_strides3(o, vec), *_strides3(grad_o, vec), H, n_q, **heads,
             BLOCK_M=cfg["BLOCK_M"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        if dk is not None:
+        split = q.dtype == torch.float32 and sum(_head_split(d, q.dtype)) > 64
+        passes = [(need_dk, False), (False, need_dv)] if split else [(need_dk, need_dv)]
+        for pass_dk, pass_dv in passes:
+            if not (pass_dk or pass_dv):
+                continue
+            out = dk if pass_dk else dv
             cfg = _config("dkdv", d, q.dtype, n, arch)
             _launch(_bwd_dkdv_kernel, _grid(triton.cdiv(n_kv, cfg["BLOCK_N"]), B * H),
-                q, k, v, grad_o, lse, delta, dk, dv, km, *common, *_strides3(dk, vec), s_kmb, *tail,
-                NEED_DK=need_dk, HAS_MASK=has_mask, **heads, **_dot_flags(q.dtype), **cfg)
+                q, k, v, grad_o, lse, delta, dk if pass_dk else out, dv if pass_dv else out, km, *common,
+                *_strides3(out, vec), s_kmb, *tail, NEED_DK=pass_dk, NEED_DV=pass_dv, HAS_MASK=has_mask, **heads,
+                **_dot_flags(q.dtype), **cfg)
         if dq is not None:
             cfg = _config("dq", d, q.dtype, n, arch)
             _launch(_bwd_dq_kernel, _grid(triton.cdiv(n_q, cfg["BLOCK_M"]), B * H),
                 q, k, v, grad_o, lse, delta, dq, km, *common, *_strides3(dq, vec), s_kmb, *tail,
                 HAS_MASK=has_mask, **heads, **_dot_flags(q.dtype), **cfg)
-    return dq, dk if need_dk else None, dv if need_dv else None
+    return dq, dk, dv
 
 
 # --------------------------------------------------------------------------------------------------
@@ -830,8 +845,8 @@ def attention_jvp(q, k, v, tq, tk, tv, scale: float | None = None,
 
 def _jvp_passes(q, k, v, tangents, scale, key_mask=None):
     """(O, dO): one fused MODE-1 pass, except for fp32 IO at a padded head dim above 64, where MODE 1's
-    state does not fit in registers (see ``_config``) and MODE 0 then MODE 2 (the autograd path) spill less."""
-    if q.dtype == torch.float32 and sum(_head_split(q.shape[-1])) > 64:
+    state does not fit in registers (see ``_config``) and MODE 0 then MODE 2 (the autograd path) do not spill."""
+    if q.dtype == torch.float32 and sum(_head_split(q.shape[-1], q.dtype)) > 64:
         o, lse, _ = _fwd(q, k, v, scale, 0, key_mask=key_mask)
         return o, _fwd(q, k, v, scale, 2, tangents=tangents, o=o, lse=lse, key_mask=key_mask)[2]
     o, _, do = _fwd(q, k, v, scale, 1, tangents=tangents, key_mask=key_mask)
