@@ -103,17 +103,19 @@ class PostTraining(Stage):
         p = cfg.post
         self.method = p.method
         self.uses_jvp = "post.method=meanflow" if self.method == "meanflow" else None
-        if p.cfg_scale != 1.0 and self.method != "meanflow":
-            raise UnsupportedError(f"post.cfg_scale={p.cfg_scale}: guidance is trained in only for "
-                                   "post.method=meanflow (ECT/ECD are unguided, docs/method.md §4); use "
-                                   "post.cfg_scale=1.0")
+        self.guided = p.cfg_scale != 1.0 or p.cfg_kappa > 0
+        if self.guided and self.method != "meanflow":
+            raise UnsupportedError(f"post.cfg_scale={p.cfg_scale}, post.cfg_kappa={p.cfg_kappa}: guidance is "
+                                   "trained in only for post.method=meanflow (ECT/ECD are unguided, docs/method.md "
+                                   "§4); use post.cfg_scale=1.0 and post.cfg_kappa=0")
         if self.method != "meanflow" and p.label_dropout:
             raise ConfigError(f"post.label_dropout={p.label_dropout} applies to post.method=meanflow only")
         if self.method == "meanflow":
             check_label_dropout(p.label_dropout, cfg.network.num_classes, "post.label_dropout")
-            if p.cfg_scale != 1.0 and cfg.network.num_classes == 0:
-                raise ConfigError(f"post.cfg_scale={p.cfg_scale} needs a class-conditional network: "
-                                  "set network.num_classes or post.cfg_scale=1")
+            if self.guided and cfg.network.num_classes == 0:
+                raise ConfigError(f"post.cfg_scale={p.cfg_scale}, post.cfg_kappa={p.cfg_kappa}: guidance needs a "
+                                  "class-conditional network: set network.num_classes, or post.cfg_scale=1 and "
+                                  "post.cfg_kappa=0")
             if not cfg.network.use_r:
                 raise ConfigError("post.method=meanflow trains u(z, r, t), which needs a second time input: "
                                   "set network.use_r=true")
@@ -136,7 +138,7 @@ class PostTraining(Stage):
         Heun 2 NFEs); MeanFlow's jvp counts as two forwards, plus one no-grad forward under guidance (two with κ > 0)."""
         p = cfg.post
         if p.method == "meanflow":
-            guided_forwards = (1.0 + (p.cfg_kappa > 0)) if p.cfg_scale != 1.0 else 0.0
+            guided_forwards = (1.0 + (p.cfg_kappa > 0)) if p.cfg_scale != 1.0 or p.cfg_kappa > 0 else 0.0
             return PairCost(teacher_nfe=0.0, student_grad=2.0, student_nograd=guided_forwards,
                             distance="mean_squared", jvp=1.0)
         nfe = 0.0 if p.method == "ect" else (1.0 if p.ecd_solver == "euler" else 2.0)
@@ -300,7 +302,7 @@ class PostTraining(Stage):
         """Per-sample sg(w)·‖u − u_tgt‖², w = 1/(‖u − u_tgt‖² + c)^p (MeanFlow's adaptive loss, docs/method.md §6)."""
         p = self.cfg.post
         z_t, v = fm_interpolate(x0, eps, t), fm_velocity_target(x0, eps)
-        if p.cfg_scale != 1.0 and labels is not None:
+        if self.guided and labels is not None:
             v = self.guided_velocity(model, z_t, v, t, labels)
         u, dudt = self.meanflow_jvp(model, z_t, v, r, t, labels)
         err = (u - self.meanflow_target(dudt, v, r, t)).flatten(1).square().sum(dim=1)

@@ -159,3 +159,15 @@ def test_mid_l2_sum_is_c_h_w_times_the_mean(root):
     d_sum = build_distance("sum_squared", channels=1, resolution=8)(x, y)
     torch.testing.assert_close(d_sum, 64 * d_mean)
     assert load_config(root / "configs/paper/imagenet256_mfxl2_cmt.yaml").mid.l2_reduction == "sum"
+
+
+def test_kappa_alone_guides_and_is_refused_where_guidance_is_not_trained():
+    """κ > 0 at ω = 1 is guidance too (ṽ = v + κ·(u_c − u_∅)); ECT/ECD and unconditional nets refuse it."""
+    from engine.errors import ConfigError, UnsupportedError
+    base = [*TINY, "post.init=random", "post.method=meanflow", "network.use_r=true", "post.cfg_kappa=0.5"]
+    stage = PostTraining(load_config(None, [*base, "network.num_classes=3"]))
+    assert stage.guided and PostTraining.cost_per_pair(stage.cfg).student_nograd == 2
+    with pytest.raises(ConfigError, match="class-conditional"):
+        PostTraining(load_config(None, base))
+    with pytest.raises(UnsupportedError, match="only for post.method=meanflow"):
+        PostTraining(load_config(None, [*TINY, "post.init=random", "post.cfg_kappa=0.5"]))
