@@ -1,4 +1,5 @@
-"""Writing files so that a reader (or a restart after a kill) never sees half of one, and the cache folder."""
+"""Writing files so that a reader (or a restart after a kill) never sees half of one, reading weight files
+without running code from them, and the cache folder."""
 from __future__ import annotations
 
 import hashlib
@@ -65,3 +66,15 @@ def file_identity(path: str | Path | None) -> str | None:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f"{f.relative_to(path).as_posix()}\0{sha256(f)}\0".encode())
     return digest.hexdigest()
+
+
+def read_tensor_file(path: str | Path):
+    """A weights file as saved: safetensors by suffix, else ``torch.load(weights_only=True)`` on the CPU, which
+    rebuilds tensors and plain containers only (anything else raises pickle.UnpicklingError, unrun)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)

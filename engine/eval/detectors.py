@@ -45,9 +45,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from engine.errors import ConfigError, DataError, MissingFileError
+from engine.files import read_tensor_file
 
 METRICS = ("fid", "fd_dinov2")
 FEATURE_DIMS = {"fid": 2048, "fd_dinov2": 1024}
@@ -142,10 +142,7 @@ def _read_weights(path: Path, metric: str) -> dict[str, torch.Tensor]:
                 if metric == "fid" else "a pickle, which is not read as detector weights")
         raise DataError(f"'{path}' is {what}: use {WEIGHT_FILES[metric]}")
     try:
-        if path.suffix == ".safetensors":
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        data = read_tensor_file(path)
     except pickle.UnpicklingError:      # torch's weights-only unpickler met something that is not a tensor
         raise DataError(f"'{path}' is not a torch.save file of tensors only (nothing from it was run): use "
                         f"{WEIGHT_FILES[metric]}") from None

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from engine.errors import ConfigError, DataError, MissingFileError
+from engine.files import read_tensor_file
 
 # Index after the last ReLU of each LPIPS tap in torchvision's vgg16().features.
 LPIPS_VGG16_TAP_ENDS = (4, 9, 16, 23, 30)
@@ -29,10 +29,7 @@ def load_lpips_vgg16(path: str | Path) -> nn.Sequential:
     if not path.is_file():
         raise MissingFileError(f"VGG16 weights '{path}' do not exist: {VGG16_HINT}")
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_tensor_file(path)
         if not isinstance(state, dict):
             raise ValueError(f"holds a {type(state).__name__}, not a state dict")
         if any(k.startswith("features.") for k in state):

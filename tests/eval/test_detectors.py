@@ -1,7 +1,6 @@
 """engine.eval.detectors: the FID Inception (torch-fidelity's) and the FD_DINOv2 ViT (timm's) against the packages'
 own networks and tools with the same random weights, the weight files they load, and one line for every file that
 cannot be used."""
-import os
 import pickle
 
 import numpy as np
@@ -33,22 +32,6 @@ def _dinov2_input(images: torch.Tensor) -> torch.Tensor:
     x = F.interpolate(images.expand(-1, 3, -1, -1).float(), size=(224, 224), mode="bicubic", antialias=True) / 255
     return (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(
         1, 3, 1, 1)
-
-
-class _Payload:
-    """Unpickling this creates `marker`: a file that contains one must be refused without being run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def _one_line(error) -> str:
-    message = str(error.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -201,13 +184,13 @@ def test_random_detector_is_seeded_and_leaves_the_global_generator_alone(small_d
 
 
 @pytest.mark.parametrize("metric", ["fid", "fd_dinov2"])
-def test_a_missing_weights_file_is_one_line_naming_where_to_get_it(metric, tmp_path):
+def test_a_missing_weights_file_is_one_line_naming_where_to_get_it(metric, tmp_path, one_line):
     with pytest.raises(MissingFileError) as error:
         load_detector(metric, tmp_path / "absent.pth")
-    assert "absent.pth" in _one_line(error) and WEIGHT_FILES[metric] in str(error.value)
+    assert "absent.pth" in one_line(error) and WEIGHT_FILES[metric] in str(error.value)
 
 
-def test_weights_that_do_not_fit_are_one_line(inception, small_dinov2, tmp_path):
+def test_weights_that_do_not_fit_areone_line(inception, small_dinov2, tmp_path, one_line):
     state = inception.network.state_dict()
     reshaped = {**state, "Mixed_5b.branch1x1.conv.weight": torch.zeros(64, 192, 3, 3)}
     torch.save(reshaped, tmp_path / "reshaped.pth")
@@ -221,36 +204,36 @@ def test_weights_that_do_not_fit_are_one_line(inception, small_dinov2, tmp_path)
     for metric, name, says in cases:
         with pytest.raises(DataError) as error:
             load_detector(metric, tmp_path / name)
-        message = _one_line(error)
+        message = one_line(error)
         assert name in message and says in message and WEIGHT_FILES[metric] in message, message
 
 
-def test_an_unknown_metric_is_one_line():
+def test_an_unknown_metric_isone_line(one_line):
     for make in (lambda: load_detector("kid", "x.pth"), lambda: random_detector("is")):
         with pytest.raises(ConfigError) as error:
             make()
-        assert "fid, fd_dinov2" in _one_line(error)
+        assert "fid, fd_dinov2" in one_line(error)
 
 
-def test_edm_inception_pickle_is_refused_unread(tmp_path):
+def test_edm_inception_pickle_is_refused_unread(tmp_path, one_line, payload):
     """EDM's detector pickle: its layout cannot be verified, so it is refused, and nothing in it runs."""
     path = tmp_path / "inception-2015-12-05.pkl"
-    path.write_bytes(pickle.dumps(_Payload(tmp_path / "ran")))
+    path.write_bytes(pickle.dumps(payload(tmp_path / "ran")))
     with pytest.raises(DataError) as error:
         load_detector("fid", path)
-    message = _one_line(error)
+    message = one_line(error)
     assert "pt_inception-2015-12-05-6726825d.pth" in message and "weights-inception-2015-12-05-6726825d.pth" in message
     assert not (tmp_path / "ran").exists()
 
 
-def test_unreadable_weights_and_payloads_are_refused_unrun(tmp_path):
-    torch.save({"weight": torch.zeros(2), "extra": _Payload(tmp_path / "ran")}, tmp_path / "payload.pth")
+def test_unreadable_weights_and_payloads_are_refused_unrun(tmp_path, one_line, payload):
+    torch.save({"weight": torch.zeros(2), "extra": payload(tmp_path / "ran")}, tmp_path / "payload.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a weights file at all")
     (tmp_path / "garbage.safetensors").write_bytes(b"\x01" * 32)
     for name in ("payload.pth", "garbage.pth", "garbage.safetensors"):
         with pytest.raises(DataError) as error:
             load_detector("fd_dinov2", tmp_path / name)
-        assert name in _one_line(error) and WEIGHT_FILES["fd_dinov2"] in str(error.value)
+        assert name in one_line(error) and WEIGHT_FILES["fd_dinov2"] in str(error.value)
     assert not (tmp_path / "ran").exists()
 
 

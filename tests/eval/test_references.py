@@ -1,7 +1,6 @@
 """engine.eval.references: EDM's .npz, EDM2's refs .pkl and ADM's reference batches, written and read back, read
 without running code, and one line for every file that cannot be used."""
 import hashlib
-import os
 import pickle
 
 import numpy as np
@@ -15,22 +14,6 @@ def _stats(dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     features = rng.standard_normal((dim + 8, dim))
     return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-class _Payload:
-    """Unpickling this creates `marker`: a file that contains one must be refused without being run."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def _one_line(error) -> str:
-    message = str(error.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +63,12 @@ def test_an_edm2_refs_pickle_is_read_code_free(fid_stats, dinov2_stats, tmp_path
         assert stats.num_images is None
 
 
-def test_a_pickle_with_a_payload_is_refused_unrun(fid_stats, tmp_path):
-    refs = {"fid": {"mu": fid_stats[0], "sigma": fid_stats[1]}, "extra": _Payload(tmp_path / "ran")}
+def test_a_pickle_with_a_payload_is_refused_unrun(fid_stats, tmp_path, one_line, payload):
+    refs = {"fid": {"mu": fid_stats[0], "sigma": fid_stats[1]}, "extra": payload(tmp_path / "ran")}
     (tmp_path / "refs.pkl").write_bytes(pickle.dumps(refs))
     with pytest.raises(DataError) as error:
         read_reference(tmp_path / "refs.pkl", "fid")
-    assert "system" in _one_line(error) and "refused" in str(error.value)
+    assert "system" in one_line(error) and "refused" in str(error.value)
     assert not (tmp_path / "ran").exists()
 
 
@@ -103,22 +86,22 @@ def test_an_adm_reference_batch_reads_as_fid_statistics(fid_stats, tmp_path):
         read_reference(tmp_path / "VIRTUAL_imagenet256_labeled.npz", "fd_dinov2")
 
 
-def test_statistics_of_another_dimension_are_one_line(dinov2_stats, tmp_path):
+def test_statistics_of_another_dimension_areone_line(dinov2_stats, tmp_path, one_line):
     np.savez(tmp_path / "dinov2.npz", mu=dinov2_stats[0], sigma=dinov2_stats[1])
     with pytest.raises(DataError) as error:
         read_reference(tmp_path / "dinov2.npz", "fid")
-    message = _one_line(error)
+    message = one_line(error)
     assert "dinov2.npz" in message and "mu [1024]" in message and "2048-d" in message
 
 
-def test_a_metric_the_pickle_lacks_is_one_line(fid_stats, tmp_path):
+def test_a_metric_the_pickle_lacks_isone_line(fid_stats, tmp_path, one_line):
     (tmp_path / "refs.pkl").write_bytes(pickle.dumps({"fid": {"mu": fid_stats[0], "sigma": fid_stats[1]}}))
     with pytest.raises(DataError) as error:
         read_reference(tmp_path / "refs.pkl", "fd_dinov2")
-    assert "refs.pkl" in _one_line(error) and "no fd_dinov2 statistics" in str(error.value)
+    assert "refs.pkl" in one_line(error) and "no fd_dinov2 statistics" in str(error.value)
 
 
-def test_files_that_are_not_references_are_one_line(tmp_path):
+def test_files_that_are_not_references_areone_line(tmp_path, one_line):
     np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))       # an image batch, no statistics
     np.savez(tmp_path / "objects.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.zeros((1, 1)))
     (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 not really")
@@ -129,10 +112,10 @@ def test_files_that_are_not_references_are_one_line(tmp_path):
                        ("list.pkl", "EDM2's refs format")]:
         with pytest.raises(DataError) as error:
             read_reference(tmp_path / name, "fid")
-        assert name in _one_line(error) and says in str(error.value), str(error.value)
+        assert name in one_line(error) and says in str(error.value), str(error.value)
     with pytest.raises(MissingFileError) as error:
         read_reference(tmp_path / "absent.npz", "fid")
-    assert "absent.npz" in _one_line(error)
+    assert "absent.npz" in one_line(error)
     with pytest.raises(ConfigError):
         read_reference(tmp_path / "samples.npz", "kid")
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.files import sha256
+from engine.trainer.student import safe_load
 
 MODEL = "mp_rank_00_model_states.pt"
 
@@ -118,7 +119,7 @@ def test_a_planted_pickle_payload_never_runs(reference, tmp_path, train_cli):
             return os.system, (f"touch {marker}",)
 
     target = run_dir / "checkpoints" / "step-00000020" / MODEL
-    state = torch.load(target, weights_only=False)   # our own file, before the payload goes in
+    state = safe_load(target)                        # our own file, before the payload goes in
     state["extra"] = Payload()
     torch.save(state, target)
     reseal(run_dir / "checkpoints" / "step-00000020")

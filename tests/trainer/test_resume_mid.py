@@ -14,6 +14,8 @@ import time
 import torch
 from safetensors.torch import load_file
 
+from engine.trainer.student import safe_load
+
 # 10 steps of 16 pairs in 2 micro-steps of 2 four-step trajectories; a checkpoint every 3 steps.
 MID = ["network.dropout=0.2", "mid.solver_steps=4", "mid.loss=l2", "mid.data_start=true", "optim.name=radam",
        "optim.lr=1e-3", "optim.schedule=linear", "train.batch_size=16", "train.grad_accum=2",
@@ -39,8 +41,7 @@ def test_mid_training_resumes_exactly_after_sigkill(tmp_path, train_cli, export_
 
     # What the checkpoint holds: model, optimizer, lr schedule (DeepSpeed), EMA, progress, data size (client).
     tag = json.loads(latest.read_text())["tag"]
-    state = torch.load(tmp_path / "killed" / "checkpoints" / tag / "mp_rank_00_model_states.pt",
-                       map_location="cpu", weights_only=False)
+    state = safe_load(tmp_path / "killed" / "checkpoints" / tag / "mp_rank_00_model_states.pt", map_location="cpu")
     assert state["module"] and state["optimizer"]["state"] and state["lr_scheduler"]["last_epoch"] == killed_at
     assert state["progress"] == {"step": killed_at, "nimg": 16 * killed_at}
     assert state["data"] == {"num_items": 1500} and state["ema"].keys() == state["module"].keys()
