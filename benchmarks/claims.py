@@ -223,6 +223,13 @@ def score_snapshots(run_dir: Path, num_samples: int) -> list[dict]:
     return [_cached_score(run_dir, snap, num_samples) for snap in sorted((run_dir / "snapshots").glob("kimg-*"))]
 
 
+def run_setting(run_dir: Path, section: str, key: str):
+    """One value of the config a run dir trained with (its config.yaml), e.g. the post loss of an arm."""
+    import yaml
+
+    return yaml.safe_load((run_dir / "config.yaml").read_text())[section][key]
+
+
 def mid_cost(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]     # not the score rows
@@ -456,6 +463,7 @@ def main(argv=None) -> int:
             "variants": {a["name"]: a["extra"] for a in arms if "extra" in a}}
         summary["arms"] = {a["name"]: {"method": a["method"], "init": a["init"],
                                        "recipe": args.recipe if a["recipe"] == "primary" else a["recipe"],
+                                       "post_loss": run_setting(out / f"post_{a['name']}", "post", "loss"),
                                        "start": starts.get(a["name"]), "final": curves[a["name"]][-1],
                                        "best_1step": min(r["fd_1step"] for r in curves[a["name"]]),
                                        "best_2step": min(r["fd_2step"] for r in curves[a["name"]])} for a in arms}

@@ -254,7 +254,9 @@ class PostConfig:
     q: float = setting(4096.0, above=0)  # ECT's fixed q (CIFAR-10 4096, AFHQ 1024, FFHQ 512)
     k: float = setting(8.0, min=0)
     b: float = setting(1.0, min=0)
-    loss: Literal["l2", "feature", "lpips", "elatentlpips"] = "l2"
+    # ECT/ECD: d(f(x_t), sg f(x_r)) / (t - r). l2: ECT's unsquared norm, the authors'; l2_squared (the sum of
+    # squares) and the perceptual ones are squared distances, which that weight makes vanish with t - r
+    loss: Literal["l2", "l2_squared", "feature", "lpips", "elatentlpips"] = "l2"
     feature_net: Optional[str] = None
     mf_P_mean: float = -0.4              # MeanFlow: (r, t) logit-normal, sorted
     mf_P_std: float = setting(1.0, above=0)

@@ -63,8 +63,9 @@ _COMPATIBLE_SOURCES = {"consistency": ("edm", "consistency"), "meanflow": ("flow
 
 
 def post_distance(cfg: Config) -> str:
-    """The distance of ``post.loss``: ``l2`` is ECT's unsquared ‖·‖₂ per sample (docs/method.md §6)."""
-    return "l2_norm" if cfg.post.loss == "l2" else cfg.post.loss
+    """The distance of ``post.loss``: ``l2`` is ECT's unsquared ‖·‖₂ per sample (docs/method.md §6),
+    ``l2_squared`` its square ‖·‖₂², the others engine.losses' perceptual distances (also squared)."""
+    return {"l2": "l2_norm", "l2_squared": "sum_squared"}.get(cfg.post.loss, cfg.post.loss)
 
 
 @dataclass

@@ -52,3 +52,53 @@ def test_long_arms_are_the_best_final_1step_scores():
              "c": {"fd_1step": 7.0, "fd_2step": 4.0}, "d": {"fd_1step": 30.0, "fd_2step": 1.0}}
     assert claims.pick_long_arms(final, 2) == ["c", "b"]
     assert claims.pick_long_arms(final, 0) == []
+
+
+def test_diagnosis_variants_are_one_change_from_the_arm_and_load(tmp_path):
+    """Each diagnosis variant loads as a config, starts from a known start, and changes only what it says."""
+    from benchmarks import claims_diagnosis as diag
+    from engine.config import load_config
+
+    base = load_config(claims.ROOT / "configs" / "digits_ect.yaml", diag.ARM)
+    assert base.post.loss == "feature"      # the arm as claims_authors/ ran it, before digits_ect.yaml took l2
+    for name, (start, kimg, extra, _) in diag.VARIANTS.items():
+        over = [*diag.ARM, *diag.start_overrides(start, tmp_path, tmp_path / "teacher"), f"train.total_kimg={kimg}",
+                *extra]
+        cfg = load_config(claims.ROOT / "configs" / "digits_ect.yaml", over)
+        assert cfg.post.init == {"teacher": "teacher", "random": "random"}.get(start, "mid"), name
+        for kv in extra:
+            key, value = kv.split("=", 1)
+            section, field = key.split(".")
+            assert str(getattr(getattr(cfg, section), field)) == value, (name, kv)
+        if start in diag.MID_STARTS:
+            assert cfg.post.init_from == str(tmp_path / "diagnosis" / f"mid_{start}")
+    for name, (kimg, extra, _) in diag.MID_STARTS.items():
+        cfg = load_config(claims.ROOT / "configs" / "digits_cmt.yaml", [*extra, f"train.total_kimg={kimg}"])
+        assert cfg.mid.loss == "l2", name
+
+
+def test_t_mid_sweep_scores_each_t_mid_once_and_marks_the_best(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import t_mid_sweep
+
+    calls = []
+
+    def fake_score(export_dir, t_mid, num_samples):      # a U-shaped curve with its minimum at t_mid 1.2
+        calls.append((export_dir.parent.name, t_mid))
+        return (t_mid - 1.2) ** 2 + (1.0 if export_dir.parent.name == "b" else 0.0)
+
+    monkeypatch.setattr(t_mid_sweep, "score_2step", fake_score)
+    for name in ("a", "b"):
+        (tmp_path / name / "export").mkdir(parents=True)
+        (tmp_path / name / "export" / "meta.json").write_text(json.dumps({"kimg": 9.6}))
+    argv = ["--out", str(tmp_path / "out"), "--runs", str(tmp_path / "a"), str(tmp_path / "b"),
+            "--t-mid", "0.821", "1.2", "2"]
+    assert t_mid_sweep.main(argv) == 0
+    assert t_mid_sweep.main(argv) == 0          # the rerun reads every score from the run dirs' caches
+    assert len(calls) == 6
+    md = (tmp_path / "out" / "t_mid.md").read_text()
+    top = tmp_path.name
+    assert f"| {top}/a | 9.6 | 0.14 | **0.00** | 0.64 |" in md and f"| {top}/b | 9.6 | 1.14 | **1.00** | 1.64 |" in md
+    rows = (tmp_path / "out" / "t_mid.csv").read_text().splitlines()
+    assert rows[0] == "run,kimg,t_mid,fd_2step" and len(rows) == 7

@@ -369,6 +369,18 @@ def test_perceptual_loss(tmp_path):
     assert (loss > 0).all()
 
 
+@pytest.mark.parametrize("kind, power", [("l2", 1), ("l2_squared", 2)])
+def test_pixel_losses_by_hand(kind, power):
+    """post.loss=l2 is ECT's ‖Δ‖₂ / (t − r); l2_squared is ‖Δ‖₂² / (t − r): Δ = (3, 4) per sample has norm 5."""
+    stage = PostTraining(cfg_of(f"post.loss={kind}"))
+    f = lambda x, sigma, labels=None: x * sigma.view(-1, 1, 1, 1)
+    x_r = torch.zeros(2, 1, 1, 2)
+    x_t = torch.tensor([3.0, 4.0]).view(1, 1, 1, 2).repeat(2, 1, 1, 1)
+    t, r = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])     # f(x_t) = t·(3, 4), target f(0) = 0
+    loss = stage.consistency_loss(f, x_t, t, x_r, r)
+    torch.testing.assert_close(loss, (5.0 * t) ** power / (t - r))
+
+
 # --------------------------------------------------------------------------------------------------
 # Steps through DeepSpeed
 # --------------------------------------------------------------------------------------------------
