@@ -292,7 +292,7 @@ class TrainConfig:
     checkpoint_every_kimg: float = setting(25.0, above=0, resume=True)
     keep_checkpoints: int = setting(2, min=1, resume=True)
     log_every_kimg: float = setting(2.0, above=0, resume=True)
-    # also export the EMA net to snapshots/kimg-XXXXXX.X/ this often; 0 = off
+    # also export the EMA net to snapshots/kimg-XXXXXX.XXX/ this often; 0 = off
     snapshot_every_kimg: float = setting(0.0, min=0, resume=True)
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -99,7 +99,7 @@ class Trainer:
                     if progress.nimg >= next_snapshot:
                         health.check()
                         if world.is_main:
-                            student.export(self.run_dir / "snapshots" / f"kimg-{progress.kimg:08.1f}",
+                            student.export(self.run_dir / "snapshots" / snapshot_name(progress.nimg),
                                            self._meta(progress, None))
                         next_snapshot = _next_multiple(progress.nimg, t.snapshot_every_kimg)
                     if progress.nimg >= next_eval or (done and self.scorer is not None):
@@ -176,6 +176,12 @@ class Trainer:
 
     def _meta(self, progress: Progress, checkpoint) -> dict:
         return {"stage": self.stage_name, "kimg": progress.kimg, "step": progress.step, "checkpoint": checkpoint}
+
+
+def snapshot_name(nimg: int) -> str:
+    """snapshots/ folder name of the EMA export after ``nimg`` images: kimg to the image, so names sort in
+    training order and snapshots less than 0.1 kimg apart each get a folder of their own."""
+    return f"kimg-{nimg / 1000:010.3f}"
 
 
 def _next_multiple(nimg: int, every_kimg: float) -> float:

@@ -97,3 +97,12 @@ def test_bf16_under_zero_trains_and_its_checkpoints_load_safely(tmp_path, train_
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())
     for f in (tmp_path / "run" / "checkpoints").glob("step-*/*.pt"):
         assert safe_load(f, "cpu")
+
+
+def test_every_snapshot_keeps_its_own_folder_in_training_order(tmp_path, train_cli):
+    """One EMA export per 32-image step (0.032 kimg apart): 20 folders, named and sorted by the image count."""
+    assert train_cli(tmp_path / "r", "train.snapshot_every_kimg=0.032").returncode == 0
+    snaps = sorted((tmp_path / "r" / "snapshots").glob("kimg-*"))
+    kimg = [json.loads((s / "meta.json").read_text())["kimg"] for s in snaps]
+    assert kimg == [pytest.approx(0.032 * i) for i in range(1, 21)]
+    assert snaps[0].name == "kimg-000000.032" and snaps[-1].name == "kimg-000000.640"
