@@ -1,6 +1,6 @@
 """2-step sampling of consistency models at several intermediate noise levels t_mid, per exported network.
 
-    python -m benchmarks.t_mid_sweep --out benchmarks/results/claims_authors_l2/t_mid_sweep \\
+    python -m benchmarks.t_mid_sweep --out benchmarks/results/claims_authors_l2/t_mid \\
         --runs runs/claims_authors_l2/mid_cmt runs/claims_authors_l2/post_ect_cmt ...
 
 The 2-step sampler re-noises the 1-step sample to t_mid and denoises once more; which t_mid works best
