@@ -57,6 +57,8 @@ VARIANTS = {
     "loss_l2_from_l2mid": ("cmt_l2mid", 28.8, ["post.loss=l2"],
                            "ECT's distance from a CMT start mid-trained with L2 too (no change of metric)"),
     "loss_l2_from_kd_l2mid": ("kd_l2mid", 28.8, ["post.loss=l2"], "the same from KD mid-trained with L2"),
+    "loss_l2_from_cmt_16x": ("cmt_16x", 9.6, ["post.loss=l2"],
+                             "ECT's distance from CMT at KD's teacher compute (the ablation's post budget)"),
 }
 
 # Extra mid-trained starts: name -> (kimg, overrides beyond the ablation's CMT mid run, what it is). Run as
@@ -64,6 +66,7 @@ VARIANTS = {
 MID_STARTS = {
     "cmt_l2mid": (9.6, ["mid.loss=l2"], "CMT with the squared L2 (summed, the authors' reduction)"),
     "kd_l2mid": (9.6, ["mid.method=kd", "mid.loss=l2"], "KD (equal pairs) with the squared L2"),
+    "cmt_16x": (153.6, [], "CMT with the teacher NFEs of KD at equal pairs: 16x the pairs (153,600)"),
 }
 
 

@@ -85,11 +85,22 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive, default=None)
     p.add_argument("--solver", choices=["dpm_solver_pp", "heun", "euler"], default=None)
     p.add_argument("--order", type=int, choices=[1, 2, 3], default=None)
+    p.add_argument("--t-mid", type=float, default=None,
+                   help="2-step consistency sampling: the noise level it re-noises to (default: the run's sample.t_mid)")
     p.add_argument("--vae", default=None, help="latent runs: the SD-VAE (diffusers dir) decoding the samples")
     p.add_argument("--png-zip", default=None, help="also write every image to this zip ({seed:06d}.png)")
     p.add_argument("--no-untrained", action="store_true", help="digits report: skip scoring the untrained network")
     args = p.parse_args(argv)
     cfg, net, meta = load_exported(args.run_dir)
+    if args.t_mid is not None:
+        kind = model_kind(cfg, meta.get("stage", "pre"))
+        if kind != "consistency" or args.steps != 2:
+            raise ConfigError(f"--t-mid applies to 2-step consistency sampling (--steps 2); this is a '{kind}' "
+                              f"network at --steps {args.steps}")
+        if not cfg.model.sigma_min < args.t_mid < cfg.model.sigma_max:
+            raise ConfigError(f"--t-mid {args.t_mid} is outside (σ_min, σ_max) = ({cfg.model.sigma_min}, "
+                              f"{cfg.model.sigma_max})")
+        cfg.sample.t_mid = args.t_mid
     out = Path(args.out) if args.out else Path(args.run_dir) / "metrics.json"
     names = args.metrics or list(cfg.eval.metrics)
     if names == [METRIC_NAME] and not (args.seeds or args.ref or args.png_zip):   # the digits report

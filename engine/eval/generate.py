@@ -42,6 +42,8 @@ def sampler_settings(cfg: Config, kind: str, solver: str | None = None, steps: i
     out = {"kind": kind, "steps": steps}
     if teacher:
         out.update(solver=solver or cfg.sample.solver, order=order or cfg.sample.order)
+    if kind == "consistency" and steps == 2:     # a 2-step score depends on where it re-noises, and how
+        out.update(t_mid=cfg.sample.t_mid, renoise_std=cfg.sample.renoise_std)
     return out
 
 

@@ -66,15 +66,21 @@ def test_diagnosis_variants_are_one_change_from_the_arm_and_load(tmp_path):
                 *extra]
         cfg = load_config(claims.ROOT / "configs" / "digits_ect.yaml", over)
         assert cfg.post.init == {"teacher": "teacher", "random": "random"}.get(start, "mid"), name
-        for kv in extra:
-            key, value = kv.split("=", 1)
-            section, field = key.split(".")
-            assert str(getattr(getattr(cfg, section), field)) == value, (name, kv)
+        _assert_set(cfg, extra, name)
         if start in diag.MID_STARTS:
             assert cfg.post.init_from == str(tmp_path / "diagnosis" / f"mid_{start}")
     for name, (kimg, extra, _) in diag.MID_STARTS.items():
         cfg = load_config(claims.ROOT / "configs" / "digits_cmt.yaml", [*extra, f"train.total_kimg={kimg}"])
-        assert cfg.mid.loss == "l2", name
+        assert cfg.train.total_kimg == kimg, name
+        _assert_set(cfg, extra, name)
+
+
+def _assert_set(cfg, overrides, name):
+    """Every "section.key=value" of ``overrides`` is what the loaded config holds."""
+    for kv in overrides:
+        key, value = kv.split("=", 1)
+        section, field = key.split(".")
+        assert str(getattr(getattr(cfg, section), field)) == value, (name, kv)
 
 
 def test_t_mid_sweep_scores_each_t_mid_once_and_marks_the_best(tmp_path, monkeypatch):

@@ -94,6 +94,31 @@ def test_cli_scores_digits_with_the_protocol_and_marks_few_images_not_comparable
     assert "fid needs its detector's weights: set eval.inception (--inception)" in capsys.readouterr().err
 
 
+def test_cli_t_mid_sets_where_two_step_sampling_renoises_and_is_recorded(tiny_cfg, export_teacher, tiny_teacher,
+                                                                        tmp_path, capsys):
+    run = tmp_path / "mid"
+    export_teacher(run / "export", tiny_cfg(), stage="mid")          # a consistency model
+    scores = {}
+    for t_mid in (0.5, 2.0):
+        out = tmp_path / f"m{t_mid}.json"
+        assert evaluate_main(["--run-dir", str(run), "--metrics", "fd_digits_cnn", "--seeds", "0-15", "--steps", "2",
+                              "--t-mid", str(t_mid), "--out", str(out)]) == 0
+        m = json.loads(out.read_text())
+        assert m["sampler"] == {"kind": "consistency", "steps": 2, "t_mid": t_mid,
+                                "renoise_std": tiny_cfg().sample.renoise_std}
+        scores[t_mid] = m["fd_digits_cnn"]
+    assert scores[0.5] != scores[2.0]
+    capsys.readouterr()
+    for argv, message in ((["--run-dir", str(tiny_teacher.parent), "--steps", "2"], "applies to 2-step consistency"),
+                          (["--run-dir", str(run), "--steps", "1"], "applies to 2-step consistency"),
+                          (["--run-dir", str(run), "--steps", "2", "--t-mid", "90"], "outside")):
+        if "--t-mid" not in argv:
+            argv = [*argv, "--t-mid", "1.0"]
+        assert evaluate_main([*argv, "--metrics", "fd_digits_cnn", "--seeds", "0-3"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+
 def test_scores_during_training_go_into_the_log_and_tensorboard(train_cli, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
