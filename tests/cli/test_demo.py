@@ -25,7 +25,8 @@ def test_demo_runs_three_stages_and_writes_results(tmp_path, root):
         m = metrics[name]["model"]
         assert m["fd_num_images"] == 300 and m["fd_digits_cnn"] > 0
     assert "untrained" in metrics["pre_16step"]
-    assert metrics["mid_2step"]["sampler"] == {"kind": "consistency", "steps": 2}
+    assert metrics["mid_2step"]["sampler"] == {"kind": "consistency", "steps": 2, "t_mid": 0.77569,
+                                               "renoise_std": "sqrt_tau2_minus_sigma_min2"}
     for stage in ("pre", "mid", "post"):
         meta = json.loads((tmp_path / stage / "export" / "meta.json").read_text())
         assert meta["stage"] == stage and meta["kimg"] == 0.32
