@@ -195,28 +195,34 @@ def run_tasks(tasks: list[Task], jobs: int, log_dir: Path, threads: int = 0) -> 
     return wall
 
 
-def _score(export_dir: Path, num_samples: int) -> dict:
+def _score(export_dir: Path, num_samples: int, steps=(1, 2), t_mid: float | None = None) -> dict:
+    """fd_digits_cnn of an export at each step count (2-step at ``t_mid`` if given, else its config's)."""
     from engine.eval.frechet import METRIC_NAME
     from engine.eval.report import report
     from engine.models.weights import load_exported
 
     cfg, net, meta = load_exported(export_dir)
+    if t_mid is not None:
+        cfg.sample.t_mid = t_mid
     row = {"kimg": meta["kimg"]}
-    for steps in (1, 2):
-        row[f"fd_{steps}step"] = report(net, cfg, meta, num_samples, include_untrained=False,
-                                        steps=steps)["model"][METRIC_NAME]
+    for n in steps:
+        row[f"fd_{n}step"] = report(net, cfg, meta, num_samples, include_untrained=False, steps=n)["model"][METRIC_NAME]
     return row
+
+
+def cached(cache_file: Path, key: str, compute: Callable[[], object]):
+    """compute(), kept in the JSON file cache_file under key (reruns do not recompute)."""
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    if key not in cache:
+        cache[key] = compute()
+        cache_file.write_text(json.dumps(cache, indent=1))
+    return cache[key]
 
 
 def _cached_score(run_dir: Path, export_dir: Path, num_samples: int) -> dict:
     """_score, cached in run_dir/claims_scores.json by export dir and sample count (reruns do not rescore)."""
-    cache_file = run_dir / "claims_scores.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    key = f"{export_dir.relative_to(run_dir).as_posix()}@{num_samples}"
-    if key not in cache:
-        cache[key] = _score(export_dir, num_samples)
-        cache_file.write_text(json.dumps(cache, indent=1))
-    return cache[key]
+    return cached(run_dir / "claims_scores.json", f"{export_dir.relative_to(run_dir).as_posix()}@{num_samples}",
+                  lambda: _score(export_dir, num_samples))
 
 
 def score_snapshots(run_dir: Path, num_samples: int) -> list[dict]:

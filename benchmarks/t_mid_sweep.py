@@ -18,28 +18,19 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import claims
+
 T_MID = (0.5, 0.821, 1.2, 2.0, 3.0, 5.0)
 
 
 def score_2step(export_dir: Path, t_mid: float, num_samples: int) -> float:
-    from engine.eval.frechet import METRIC_NAME
-    from engine.eval.report import report
-    from engine.models.weights import load_exported
-
-    cfg, net, meta = load_exported(export_dir)
-    cfg.sample.t_mid = t_mid
-    return report(net, cfg, meta, num_samples, include_untrained=False, steps=2)["model"][METRIC_NAME]
+    return claims._score(export_dir, num_samples, steps=(2,), t_mid=t_mid)["fd_2step"]
 
 
 def cached(run_dir: Path, t_mid: float, num_samples: int) -> float:
     """score_2step of run_dir/export, cached in run_dir/t_mid_scores.json by t_mid and sample count."""
-    cache_file = run_dir / "t_mid_scores.json"
-    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    key = f"{t_mid:g}@{num_samples}"
-    if key not in cache:
-        cache[key] = score_2step(run_dir / "export", t_mid, num_samples)
-        cache_file.write_text(json.dumps(cache, indent=1))
-    return cache[key]
+    return claims.cached(run_dir / "t_mid_scores.json", f"{t_mid:g}@{num_samples}",
+                         lambda: score_2step(run_dir / "export", t_mid, num_samples))
 
 
 def label(run: Path) -> str:

@@ -452,6 +452,9 @@ def _check_across_sections(cfg: "Config") -> None:
     m = cfg.model
     if not m.sigma_min < m.sigma_max:
         raise ConfigError(f"model.sigma_min={m.sigma_min:g} must be below model.sigma_max={m.sigma_max:g}")
+    if not m.sigma_min < cfg.sample.t_mid < m.sigma_max:
+        raise ConfigError(f"sample.t_mid={cfg.sample.t_mid:g} (where 2-step sampling re-noises to) must lie between "
+                          f"model.sigma_min={m.sigma_min:g} and model.sigma_max={m.sigma_max:g}")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

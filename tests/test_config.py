@@ -30,6 +30,8 @@ def test_overrides_parse_yaml_values():
     ("network.unet.channels=16", "config key 'network.unet.channels' must be a list"),
     ("train.zero_stage=4", "choose one of 0, 1, 2, 3"),
     ("novalue", "must look like section.key=value"),
+    ("sample.t_mid=90", "sample.t_mid=90 (where 2-step sampling re-noises to) must lie between model.sigma_min=0.002 "
+                        "and model.sigma_max=80"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as err:

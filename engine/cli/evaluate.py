@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.cli import CommandParser, entry_point, positive
-from engine.config import load_config
+from engine.config import Config, apply_override, from_dict, load_config, to_dict
 from engine.errors import ConfigError, DataError
 from engine.eval.frechet import METRIC_NAME
 from engine.eval.generate import sampler_settings
@@ -97,10 +97,9 @@ def main(argv=None) -> int:
         if kind != "consistency" or args.steps != 2:
             raise ConfigError(f"--t-mid applies to 2-step consistency sampling (--steps 2); this is a '{kind}' "
                               f"network at --steps {args.steps}")
-        if not cfg.model.sigma_min < args.t_mid < cfg.model.sigma_max:
-            raise ConfigError(f"--t-mid {args.t_mid} is outside (σ_min, σ_max) = ({cfg.model.sigma_min}, "
-                              f"{cfg.model.sigma_max})")
-        cfg.sample.t_mid = args.t_mid
+        raw = to_dict(cfg)
+        apply_override(raw, f"sample.t_mid={args.t_mid}")
+        cfg = from_dict(Config, raw)                # checked as any config is (range, σ bounds)
     out = Path(args.out) if args.out else Path(args.run_dir) / "metrics.json"
     names = args.metrics or list(cfg.eval.metrics)
     if names == [METRIC_NAME] and not (args.seeds or args.ref or args.png_zip):   # the digits report

@@ -111,7 +111,8 @@ def test_cli_t_mid_sets_where_two_step_sampling_renoises_and_is_recorded(tiny_cf
     capsys.readouterr()
     for argv, message in ((["--run-dir", str(tiny_teacher.parent), "--steps", "2"], "applies to 2-step consistency"),
                           (["--run-dir", str(run), "--steps", "1"], "applies to 2-step consistency"),
-                          (["--run-dir", str(run), "--steps", "2", "--t-mid", "90"], "outside")):
+                          (["--run-dir", str(run), "--steps", "2", "--t-mid", "90"], "sample.t_mid=90 (where 2-step"),
+                          (["--run-dir", str(run), "--steps", "2", "--t-mid", "-1"], "sample.t_mid")):
         if "--t-mid" not in argv:
             argv = [*argv, "--t-mid", "1.0"]
         assert evaluate_main([*argv, "--metrics", "fd_digits_cnn", "--seeds", "0-3"]) == 2
